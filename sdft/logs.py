@@ -1,0 +1,339 @@
+"""Run outputs for people: metrics.jsonl, TensorBoard scalars, learning-curve plots, summary.md and
+progress bars.
+
+`metrics.jsonl` rows are `{"step": int, "split": str, "metrics": {key: value}}`. Keys carry their own
+prefix (`train/loss`, `val/<benchmark>/pass@1`); a key without a `/` is shown as `<split>/<key>`.
+A confidence interval for `K` is logged as `K_ci_low` and `K_ci_high` (or `K_ci` = [low, high]); plots
+draw it as a band and summaries print it beside the score.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from sdft.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_learning_curves", "write_summary", "ProgressBar",
+           "metric_tag"]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_CI_SUFFIXES = ("_ci_low", "_ci_high", "_ci")
+
+
+def metric_tag(split: str, key: str) -> str:
+    """The display name of a metric: the key itself when it has a prefix, else `<split>/<key>`."""
+    return key if "/" in key else f"{split}/{key}"
+
+
+class MetricsLogger:
+    """Appends metric rows to `<run_dir>/metrics.jsonl` (flushed and fsynced per row) and, optionally,
+    TensorBoard scalars under `<run_dir>/tensorboard`.
+
+    `resume_step=None` starts a fresh file. With `resume_step=N`, rows with step > N (written after the
+    checkpoint being resumed) are dropped first by an atomic rewrite, and TensorBoard discards its events
+    after step N, so a resumed run has no duplicate rows.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            atomic_write_text(self.path, "")
+        else:
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step] \
+                if self.path.exists() else []
+            atomic_write_jsonl(self.path, kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        """Append one row; numbers (Python, NumPy or 0-d tensors) also go to TensorBoard."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"metrics step must be an int >= 0, got {step!r}")
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"metrics split must be a non-empty string, got {split!r}")
+        if self._file is None:
+            raise ValueError(f"MetricsLogger for {self.path} is closed")
+        row_metrics = {}
+        for key, value in metrics.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"metric keys must be non-empty strings, got {key!r}")
+            row_metrics[key] = _plain(value)
+        try:
+            line = json.dumps({"step": step, "split": split, "metrics": row_metrics})
+        except TypeError as error:
+            raise ValueError(f"metrics for step {step} are not JSON-serializable: {error}") from None
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._writer is not None:
+            for key, value in row_metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(metric_tag(split, key), value, global_step=step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file. A last line cut short by a crash is ignored; any other malformed
+    line is a ValueError naming the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no trailing newline: a write interrupted midway
+                break
+            raise ValueError(f"{path}:{number}: not a JSON row: {error.msg}") from None
+        if (not isinstance(row, dict) or not isinstance(row.get("step"), int)
+                or not isinstance(row.get("split"), str) or not isinstance(row.get("metrics"), dict)):
+            raise ValueError(f"{path}:{number}: expected a row {{\"step\": int, \"split\": str, "
+                             f"\"metrics\": {{...}}}}, got {line[:200]!r}")
+        rows.append(row)
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """Python numbers from NumPy scalars and one-element tensors; other values unchanged."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def _family(tag: str) -> str:
+    """The panel a metric belongs to."""
+    name = tag.rsplit("/", 1)[-1].lower()
+    if "pass@" in name:
+        return "pass@1" if name == "pass@1" else name
+    if "entropy" in name:
+        return "entropy"
+    if "loss" in name or "kl" in name.split("_") or name.startswith("kl"):
+        return "loss / KL"
+    return name
+
+
+def _is_ci_key(key: str) -> bool:
+    return key.endswith(_CI_SUFFIXES)
+
+
+def _series(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
+    """Per tag: steps, values and the CI band (NaN where absent)."""
+    series: dict[str, dict[str, list]] = {}
+    for row in rows:
+        metrics = row["metrics"]
+        for key, value in metrics.items():
+            if _is_ci_key(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            low, high = _interval(metrics, key)
+            entry = series.setdefault(metric_tag(row["split"], key), {"step": [], "value": [], "low": [], "high": []})
+            entry["step"].append(row["step"])
+            entry["value"].append(float(value))
+            entry["low"].append(math.nan if low is None else low)
+            entry["high"].append(math.nan if high is None else high)
+    return series
+
+
+def _interval(metrics: Mapping[str, Any], key: str) -> tuple[float | None, float | None]:
+    pair = metrics.get(f"{key}_ci")
+    if isinstance(pair, (list, tuple)) and len(pair) == 2:
+        return float(pair[0]), float(pair[1])
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return float(low), float(high)
+    return None, None
+
+
+def plot_learning_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Draw one panel per metric family (loss/KL, entropies, pass@1 with CI bands, then any other
+    numeric metric) against the optimizer step, and write the PNG atomically. Returns `png_path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = _series(read_metrics(metrics_path))
+    order = {"loss / KL": 0, "entropy": 1, "pass@1": 2}
+    families: dict[str, list[str]] = {}
+    for tag in series:
+        families.setdefault(_family(tag), []).append(tag)
+    names = sorted(families, key=lambda name: (order.get(name, 3), name))
+    columns = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / columns))
+    figure = Figure(figsize=(5.0 * columns, 3.6 * rows), dpi=100)
+    FigureCanvasAgg(figure)
+    if not names:
+        axis = figure.add_subplot(1, 1, 1)
+        axis.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+    for index, name in enumerate(names):
+        axis = figure.add_subplot(rows, columns, index + 1)
+        for tag in sorted(families[name]):
+            entry = series[tag]
+            order_by_step = sorted(range(len(entry["step"])), key=lambda i: entry["step"][i])
+            steps = [entry["step"][i] for i in order_by_step]
+            values = [entry["value"][i] for i in order_by_step]
+            marker = "o" if len(steps) < 30 else None
+            (line,) = axis.plot(steps, values, label=tag, marker=marker, markersize=3)
+            lows = [entry["low"][i] for i in order_by_step]
+            highs = [entry["high"][i] for i in order_by_step]
+            if any(not math.isnan(low) for low in lows):
+                axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(png_path, buffer.getvalue())
+    return Path(png_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def _score(value: Any) -> tuple[float | None, float | None, float | None, Any]:
+    """(score, ci_low, ci_high, n) from a number or a mapping with "pass@1"/"score"/"value" and optional
+    "ci_low"/"ci_high" (or "ci": [low, high]) and "n"."""
+    if value is None:
+        return None, None, None, None
+    if isinstance(value, Mapping):
+        score = next((value[key] for key in ("pass@1", "score", "value") if key in value), None)
+        low, high = value.get("ci_low"), value.get("ci_high")
+        if isinstance(value.get("ci"), (list, tuple)) and len(value["ci"]) == 2:
+            low, high = value["ci"]
+        return (None if score is None else float(score), None if low is None else float(low),
+                None if high is None else float(high), value.get("n"))
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value), None, None, None
+    raise ValueError(f"a summary score must be a number or a mapping with 'pass@1', got {value!r}")
+
+
+def _cell(score: float | None, low: float | None, high: float | None) -> str:
+    if score is None:
+        return "-"
+    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if low is not None and high is not None else f"{score:.4f}"
+
+
+def write_summary(path: str | os.PathLike, *, title: str, config: Mapping[str, Any],
+                  scores_before: Mapping[str, Any], scores_after: Mapping[str, Any],
+                  notes: Sequence[str] = (), extra_sections: Mapping[str, str] | None = None) -> Path:
+    """Write a markdown summary atomically: the title, a before/after table (score [CI low, CI high],
+    the change after - before, and n where given), the notes, any extra sections, and the config as
+    YAML. Scores are numbers or mappings (see `_score`); a missing side shows as "-"."""
+    lines = [f"# {title}", "", "## Scores", ""]
+    names = list(scores_before) + [name for name in scores_after if name not in scores_before]
+    if names:
+        lines += ["| metric | before | after | change | n |", "|---|---|---|---|---|"]
+        for name in names:
+            before, before_low, before_high, before_n = _score(scores_before.get(name))
+            after, after_low, after_high, after_n = _score(scores_after.get(name))
+            delta = f"{after - before:+.4f}" if before is not None and after is not None else "-"
+            n = after_n if after_n is not None else before_n
+            lines.append(f"| {name} | {_cell(before, before_low, before_high)} | "
+                         f"{_cell(after, after_low, after_high)} | {delta} | {'-' if n is None else n} |")
+    else:
+        lines.append("No scores.")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    for heading, body in (extra_sections or {}).items():
+        lines += ["", f"## {heading}", "", body.rstrip("\n")]
+    config_text = yaml.safe_dump(_plain_tree(config), sort_keys=False, allow_unicode=True, width=100)
+    lines += ["", "## Config", "", "```yaml", config_text.rstrip("\n"), "```", ""]
+    atomic_write_text(path, "\n".join(lines))
+    return Path(path)
+
+
+def _plain_tree(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(key): _plain_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class ProgressBar:
+    """A tqdm bar with elapsed time, ETA and rate; `update(n, loss=..., ...)` advances it and shows the
+    keyword values. With `enabled=False` nothing is drawn and updates only count."""
+
+    def __init__(self, total: int | None, initial: int = 0, desc: str = "", *, enabled: bool = True,
+                 file: Any = None):
+        self.total = total
+        self.n = initial
+        self.enabled = enabled
+        self._desc = desc
+        self._file = file
+        self._bar = None
+
+    def __enter__(self) -> "ProgressBar":
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.n, desc=self._desc, file=self._file,
+                             dynamic_ncols=True, smoothing=0.1)
+        return self
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix({key: _short(value) for key, value in postfix.items()}, refresh=False)
+            self._bar.update(n)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _short(value: Any) -> Any:
+    value = _plain(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
