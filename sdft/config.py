@@ -24,23 +24,13 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 import yaml
 
 from sdft.io import atomic_write_text
+from sdft.prompts import resolve_teacher_template
 
 __all__ = [
     "ModelConfig", "StudentConfig", "TeacherConfig", "LossConfig", "OptimConfig", "GenerationConfig",
     "DataConfig", "BenchmarkConfig", "EvalConfig", "LoggingConfig", "CheckpointConfig", "BackendConfig",
     "Config", "load_config", "apply_overrides", "validate_config", "config_to_dict", "dump_config",
-    "TEACHER_TEMPLATES",
 ]
-
-# Teacher prompt templates (string.Template): the official code's, and the cookbook's (same text
-# without the leading and trailing newline).
-TEACHER_TEMPLATES: Mapping[str, str] = types.MappingProxyType({
-    "official": "\n$orig_content\n\nThis is an example for a response to the question:\n$output_text\n\n"
-                "Now answer with a response of your own, including the thinking process.\n",
-    "cookbook": "$orig_content\n\nThis is an example for a response to the question:\n$output_text\n\n"
-                "Now answer with a response of your own, including the thinking process.",
-})
-_TEMPLATE_PLACEHOLDERS = ("orig_content", "output_text")
 
 
 def _field(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -59,19 +49,13 @@ def _section(cls: type) -> Any:
 
 
 def _check_template(value: str) -> str | None:
-    if value in TEACHER_TEMPLATES:
-        return None
-    template = string.Template(value)
-    if not template.is_valid():
+    """A template name of `sdft.prompts.TEACHER_TEMPLATES` or a valid custom string.Template text."""
+    try:
+        text = resolve_teacher_template(value)
+    except ValueError as error:
+        return str(error)
+    if any(match.group("invalid") is not None for match in string.Template.pattern.finditer(text)):
         return "is not a valid string.Template (write a literal '$' as '$$')"
-    names = set(template.get_identifiers())
-    missing = [name for name in _TEMPLATE_PLACEHOLDERS if name not in names]
-    extra = sorted(names - set(_TEMPLATE_PLACEHOLDERS))
-    if missing or extra:
-        problems = [f"missing ${name}" for name in missing] + [f"unknown placeholder ${name}" for name in extra]
-        return (f"is not a known template name or a valid custom template ({'; '.join(problems)}); allowed: "
-                f"{', '.join(map(repr, TEACHER_TEMPLATES))}, or a string containing exactly the placeholders "
-                "$orig_content and $output_text")
     return None
 
 
@@ -121,7 +105,7 @@ class TeacherConfig(_Section):
     ema_alpha: float = _field(0.01, gt=0, le=1)  # phi <- (1 - a) phi + a theta after every optimizer step
     ema_fp32: bool = False                      # keep the EMA copy in float32
     sync_every: int = _field(0, ge=0)          # mode=sync: copy the student every N optimizer steps
-    template: str = _field("official", check=_check_template)  # "official", "cookbook" or a custom template
+    template: str = _field("official", check=_check_template)  # a TEACHER_TEMPLATES name or a text
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ progress bars.
 
 `metrics.jsonl` rows are `{"step": int, "split": str, "metrics": {key: value}}`. Keys carry their own
 prefix (`train/loss`, `val/<benchmark>/pass@1`); a key without a `/` is shown as `<split>/<key>`.
-A confidence interval for `K` is logged as `K_ci_low` and `K_ci_high` (or `K_ci` = [low, high]); plots
-draw it as a band and summaries print it beside the score.
+A confidence interval is logged as `<prefix>/ci_low` and `<prefix>/ci_high` beside `<prefix>/pass@1`
+(the keys of `sdft.evaluation.EvalResult.metrics`), or for any key `K` as `K_ci_low` and `K_ci_high`
+(or `K_ci` = [low, high]); plots draw it as a band. `<prefix>/n` counts items and is not plotted.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ __all__ = ["MetricsLogger", "read_metrics", "plot_learning_curves", "write_summa
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _CI_SUFFIXES = ("_ci_low", "_ci_high", "_ci")
+_NOT_PLOTTED = ("ci_low", "ci_high", "n")  # last key components that annotate a sibling metric
 
 
 def metric_tag(split: str, key: str) -> str:
@@ -153,8 +155,8 @@ def _family(tag: str) -> str:
     return name
 
 
-def _is_ci_key(key: str) -> bool:
-    return key.endswith(_CI_SUFFIXES)
+def _is_annotation(key: str) -> bool:
+    return key.endswith(_CI_SUFFIXES) or key.rsplit("/", 1)[-1] in _NOT_PLOTTED
 
 
 def _series(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
@@ -163,7 +165,7 @@ def _series(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, list]]:
     for row in rows:
         metrics = row["metrics"]
         for key, value in metrics.items():
-            if _is_ci_key(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if _is_annotation(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             low, high = _interval(metrics, key)
             entry = series.setdefault(metric_tag(row["split"], key), {"step": [], "value": [], "low": [], "high": []})
@@ -178,9 +180,14 @@ def _interval(metrics: Mapping[str, Any], key: str) -> tuple[float | None, float
     pair = metrics.get(f"{key}_ci")
     if isinstance(pair, (list, tuple)) and len(pair) == 2:
         return float(pair[0]), float(pair[1])
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        return float(low), float(high)
+    candidates = [(f"{key}_ci_low", f"{key}_ci_high")]
+    if key.endswith("/pass@1"):
+        prefix = key[:-len("/pass@1")]
+        candidates.append((f"{prefix}/ci_low", f"{prefix}/ci_high"))
+    for low_key, high_key in candidates:
+        low, high = metrics.get(low_key), metrics.get(high_key)
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+            return float(low), float(high)
     return None, None
 
 
@@ -233,10 +240,14 @@ def plot_learning_curves(metrics_path: str | os.PathLike, png_path: str | os.Pat
 
 
 def _score(value: Any) -> tuple[float | None, float | None, float | None, Any]:
-    """(score, ci_low, ci_high, n) from a number or a mapping with "pass@1"/"score"/"value" and optional
+    """(score, ci_low, ci_high, n) from a number, an object with `pass_at_1`, `ci_low`, `ci_high`, `n`
+    (`sdft.evaluation.EvalResult`), or a mapping with "pass@1"/"score"/"value" and optional
     "ci_low"/"ci_high" (or "ci": [low, high]) and "n"."""
     if value is None:
         return None, None, None, None
+    if hasattr(value, "pass_at_1"):
+        value = {"pass@1": value.pass_at_1, "ci_low": getattr(value, "ci_low", None),
+                 "ci_high": getattr(value, "ci_high", None), "n": getattr(value, "n", None)}
     if isinstance(value, Mapping):
         score = next((value[key] for key in ("pass@1", "score", "value") if key in value), None)
         low, high = value.get("ci_low"), value.get("ci_high")
@@ -260,7 +271,7 @@ def write_summary(path: str | os.PathLike, *, title: str, config: Mapping[str, A
                   notes: Sequence[str] = (), extra_sections: Mapping[str, str] | None = None) -> Path:
     """Write a markdown summary atomically: the title, a before/after table (score [CI low, CI high],
     the change after - before, and n where given), the notes, any extra sections, and the config as
-    YAML. Scores are numbers or mappings (see `_score`); a missing side shows as "-"."""
+    YAML. Scores are numbers, EvalResults or mappings (see `_score`); a missing side shows as "-"."""
     lines = [f"# {title}", "", "## Scores", ""]
     names = list(scores_before) + [name for name in scores_after if name not in scores_before]
     if names:

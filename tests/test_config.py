@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from sdft.config import (TEACHER_TEMPLATES, BenchmarkConfig, Config, LossConfig, apply_overrides,
+from sdft.config import (BenchmarkConfig, Config, LossConfig, apply_overrides,
                          config_to_dict, dump_config, load_config, validate_config)
 
 DATA = ["data.path=train.jsonl"]
@@ -183,14 +183,12 @@ def test_teacher_template_names_and_custom_placeholders():
     assert load_config(None, DATA + ["teacher.template=cookbook"]).teacher.template == "cookbook"
     custom = "teacher.template=Q: $orig_content A: $output_text. Go."
     assert load_config(None, DATA + [custom]).teacher.template == "Q: $orig_content A: $output_text. Go."
-    with pytest.raises(ValueError, match=r"teacher.template .*missing \$output_text.*'official', 'cookbook'"):
+    with pytest.raises(ValueError, match=r"teacher.template .*lacks the placeholder\(s\) \$output_text"):
         load_config(None, DATA + ["teacher.template=Question: $orig_content"])
-    with pytest.raises(ValueError, match=r"unknown placeholder \$answer"):
+    with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \$answer"):
         load_config(None, DATA + ["teacher.template=$orig_content $output_text $answer"])
     with pytest.raises(ValueError, match=r"not a valid string.Template"):
         load_config(None, DATA + ["teacher.template=$orig_content $output_text costs $5"])
-    assert TEACHER_TEMPLATES["official"].startswith("\n$orig_content\n\nThis is an example")
-    assert TEACHER_TEMPLATES["cookbook"] == TEACHER_TEMPLATES["official"].strip("\n")
 
 
 @pytest.mark.parametrize("overrides, expected", [

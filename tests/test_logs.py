@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdft.logs import MetricsLogger, ProgressBar, metric_tag, plot_learning_curves, read_metrics, write_summary
+from sdft.logs import (MetricsLogger, ProgressBar, _series, metric_tag, plot_learning_curves, read_metrics,
+                       write_summary)
 
 
 def tensorboard_scalars(folder):
@@ -102,6 +103,12 @@ def test_plot_learning_curves_writes_a_png(tmp_path):
             if step % 5 == 0:
                 logger.log(step, "val", {"val/a/pass@1": step / 20, "val/a/pass@1_ci_low": step / 40,
                                          "val/a/pass@1_ci_high": step / 10})
+                logger.log(step, "val", {"val/b/pass@1": step / 30, "val/b/ci_low": step / 60,
+                                         "val/b/ci_high": step / 15, "val/b/n": 97})
+    series = _series(read_metrics(tmp_path / "metrics.jsonl"))
+    assert "val/b/n" not in series and "val/b/ci_low" not in series and "val/a/pass@1_ci_low" not in series
+    assert series["val/a/pass@1"]["low"] == [0.125, 0.25] and series["val/b/pass@1"]["high"] == [5 / 15, 10 / 15]
+    assert all(math.isnan(low) for low in series["train/loss"]["low"])
     png = plot_learning_curves(tmp_path / "metrics.jsonl", tmp_path / "plots" / "curves.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -131,6 +138,12 @@ def test_write_summary(tmp_path):
     assert "## Notes\n\n- tool-use scoring: strict\n- single run\n" in text
     assert "## Timing\n\n12 s per step\n" in text
     assert "```yaml\nloss:\n  kind: forward\noptim:\n  lr: 2.0e-05\n```" in text
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(pass_at_1=0.75, ci_low=0.5, ci_high=0.9, n=20)  # an EvalResult's fields
+    text = write_summary(tmp_path / "s2.md", title="t", config={}, scores_before={"x": 0.5},
+                         scores_after={"x": result}, notes=[]).read_text()
+    assert "| x | 0.5000 | 0.7500 [0.5000, 0.9000] | +0.2500 | 20 |" in text
     with pytest.raises(ValueError, match="a summary score must be a number"):
         write_summary(tmp_path / "bad.md", title="x", config={}, scores_before={"a": "high"}, scores_after={},
                       notes=[])
