@@ -1,0 +1,320 @@
+"""Greedy evaluation: render prompts, generate, score each completion, write predictions.
+
+Generation is a plain callable, so the same evaluation runs on any backend::
+
+    GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+    # (prompt token ids per item, max_new_tokens) -> completion token ids per item, greedy decoding
+
+`hf_greedy_generate` builds one for a local Hugging Face model. A benchmark is a named tuple of
+`EvalItem`s, each carrying its own verifier; it comes from an evsys task folder (`load_task_benchmark`)
+or from training-style examples (`benchmark_from_examples`). Results carry pass@1 with a Wilson 95%
+interval and use the evsys metric keys ``<split>/<benchmark>/pass@1``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from sdft.io import atomic_write_jsonl
+from sdft.stats import wilson_interval
+from sdft.verifiers import (MCQ_MODES, TOOLUSE_MODES, VERIFIERS, check_expected, get_verifier,
+                            score_mcq, score_tool_calls)
+
+if TYPE_CHECKING:
+    from sdft.data import PromptExample
+
+GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+DEFAULT_MAX_NEW_TOKENS = 256
+TASKS_FILE = "tasks.jsonl"
+_TASK_KEYS = ("task_id", "instruction", "verifier")
+_VERIFIER_KEYS = ("kind", "fn_name", "expected")
+_VERIFIER_KINDS = ("in_process",)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One scored prompt: chat messages (user turn last), a text -> bool verifier, and its reference."""
+    id: str
+    messages: tuple[dict, ...]
+    verifier: Callable[[str], bool]
+    reference: Any = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A named set of items; `split` labels its metrics, `run_every` N scores it every N steps (None:
+    once, after training)."""
+    name: str
+    items: tuple[EvalItem, ...]
+    split: str = "val"
+    run_every: int | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"benchmark name {self.name!r}: must be non-empty and contain no '/'")
+        if not self.split or "/" in self.split:
+            raise ValueError(f"benchmark {self.name!r}: split {self.split!r} must be non-empty without '/'")
+        if self.run_every is not None and not _is_positive_int(self.run_every):
+            raise ValueError(f"benchmark {self.name!r}: run_every {self.run_every!r} must be a positive "
+                             "integer or None (once, after training)")
+        if not _is_positive_int(self.max_new_tokens):
+            raise ValueError(f"benchmark {self.name!r}: max_new_tokens {self.max_new_tokens!r} must be a "
+                             "positive integer")
+        if not self.items:
+            raise ValueError(f"benchmark {self.name!r}: has no items")
+        ids = [item.id for item in self.items]
+        if len(set(ids)) != len(ids):
+            duplicate = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"benchmark {self.name!r}: item id {duplicate!r} appears more than once")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """pass@1 of one benchmark with its Wilson interval and the per-item outcomes."""
+    name: str
+    split: str
+    n: int
+    correct: int
+    pass_at_1: float
+    ci_low: float
+    ci_high: float
+    per_item: list[bool] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """``{"<split>/<name>/pass@1", ".../ci_low", ".../ci_high", ".../n"}``."""
+        prefix = f"{self.split}/{self.name}"
+        return {f"{prefix}/pass@1": self.pass_at_1, f"{prefix}/ci_low": self.ci_low,
+                f"{prefix}/ci_high": self.ci_high, f"{prefix}/n": self.n}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_task_benchmark(folder: str | os.PathLike, name: str | None = None, split: str = "val",
+                        run_every: int | None = None,
+                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Benchmark:
+    """Read an evsys benchmark folder: ``<folder>/tasks.jsonl``, one task per line::
+
+        {"task_id": str, "instruction": str,
+         "verifier": {"kind": "in_process", "fn_name": <a VERIFIERS name>, "expected": ...}}
+
+    The instruction becomes a single user message. `name` defaults to the folder's name. Errors name
+    the file and line.
+    """
+    path = Path(folder) / TASKS_FILE
+    if not path.is_file():
+        raise ValueError(f"benchmark folder {str(folder)!r}: no {TASKS_FILE} in it")
+    items = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            item = _task_item(line, where)
+            if item.id in seen:
+                raise ValueError(f"{where}: task_id {item.id!r} already used on line {seen[item.id]}")
+            seen[item.id] = line_number
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no tasks (the file is empty)")
+    return Benchmark(name=name or Path(folder).resolve().name, items=tuple(items), split=split,
+                     run_every=run_every, max_new_tokens=max_new_tokens)
+
+
+def _task_item(line: str, where: str) -> EvalItem:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with keys {list(_TASK_KEYS)}, got {type(row).__name__}")
+    missing = [key for key in _TASK_KEYS if key not in row]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; a task needs {list(_TASK_KEYS)}")
+    task_id, instruction, spec = row["task_id"], row["instruction"], row["verifier"]
+    if not isinstance(task_id, (str, int)) or isinstance(task_id, bool):
+        raise ValueError(f"{where}: task_id must be a string, got {task_id!r}")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"{where}: instruction must be a non-empty string, got {instruction!r:.80}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: verifier must be an object with keys {list(_VERIFIER_KEYS)}, got {spec!r:.80}")
+    missing = [key for key in _VERIFIER_KEYS if key not in spec]
+    if missing:
+        raise ValueError(f"{where}: verifier is missing key(s) {missing}; it needs {list(_VERIFIER_KEYS)}")
+    if spec["kind"] not in _VERIFIER_KINDS:
+        raise ValueError(f"{where}: verifier kind {spec['kind']!r} is not supported; allowed: {list(_VERIFIER_KINDS)}")
+    fn_name = spec["fn_name"]
+    if fn_name not in VERIFIERS:
+        raise ValueError(f"{where}: verifier fn_name {fn_name!r} is not one of {sorted(VERIFIERS)}")
+    try:
+        check_expected(fn_name, spec["expected"])
+    except ValueError as err:
+        raise ValueError(f"{where}: verifier expected: {err}") from None
+    return EvalItem(id=str(task_id), messages=({"role": "user", "content": instruction},),
+                    verifier=functools.partial(VERIFIERS[fn_name], expected=spec["expected"]),
+                    reference=spec["expected"])
+
+
+def benchmark_from_examples(name: str, examples: Iterable[PromptExample], *, tooluse_mode: str = "strict",
+                            mcq_mode: str = "official", generic_verifier: str = "contains",
+                            split: str = "val", run_every: int | None = None,
+                            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Benchmark:
+    """A benchmark from `sdft.data.PromptExample`s, scored by `example.task`:
+
+    - "tooluse": `score_tool_calls(text, example.answer, tooluse_mode)`;
+    - "science": `score_mcq(text, example.answer, mcq_mode)`;
+    - "generic": the evsys verifier `generic_verifier` with `expected=example.answer`.
+    The student messages are the prompt; `example.answer` is the reference.
+    """
+    if tooluse_mode not in TOOLUSE_MODES:
+        raise ValueError(f"tooluse_mode {tooluse_mode!r} is not one of {list(TOOLUSE_MODES)}")
+    if mcq_mode not in MCQ_MODES:
+        raise ValueError(f"mcq_mode {mcq_mode!r} is not one of {list(MCQ_MODES)}")
+    generic = get_verifier(generic_verifier)
+    items = []
+    for example in examples:
+        task, answer = example.task, example.answer
+        try:
+            if task == "tooluse":
+                check_expected("tool_calls_match", answer)
+                verifier = functools.partial(score_tool_calls, golden_answer=answer, mode=tooluse_mode)
+            elif task == "science":
+                if not isinstance(answer, str) or not answer.strip():
+                    raise ValueError(f"the answer must be a letter string, got {answer!r}")
+                verifier = functools.partial(score_mcq, answer=answer, mode=mcq_mode)
+            elif task == "generic":
+                check_expected(generic_verifier, answer)
+                verifier = functools.partial(generic, expected=answer)
+            else:
+                raise ValueError(f"task {task!r} is not one of ['tooluse', 'science', 'generic']")
+        except ValueError as err:
+            raise ValueError(f"benchmark {name!r}, example {example.id!r}: {err}") from None
+        items.append(EvalItem(id=str(example.id), messages=tuple(example.messages), verifier=verifier,
+                              reference=answer))
+    return Benchmark(name=name, items=tuple(items), split=split, run_every=run_every,
+                     max_new_tokens=max_new_tokens)
+
+
+# --------------------------------------------------------------------------------------- generation
+def hf_greedy_generate(model: Any, tokenizer: Any, batch_size: int = 8) -> GenerateFn:
+    """A GenerateFn for a local Hugging Face causal LM (peft-wrapped models work too).
+
+    Prompts are sorted by length, batched `batch_size` at a time, left-padded with an attention mask,
+    and decoded greedily with the KV cache (``model.generate``, argmax, no repetition penalty or other
+    logits processors taken from the model's generation config). Each completion stops at the first
+    end-of-sequence token (kept) or at max_new_tokens; padding after it is removed. The model is put
+    in eval mode for the call and restored afterwards.
+    """
+    if not _is_positive_int(batch_size):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    stop_ids = _stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    return functools.partial(_hf_generate, model=model, batch_size=batch_size, stop_ids=stop_ids,
+                             pad_id=pad_id)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   tokenizer.eos_token_id):
+        for token_id in (source if isinstance(source, (list, tuple)) else [source]):
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+    if not ids:
+        raise ValueError("hf_greedy_generate: neither the tokenizer nor the model's generation config "
+                         "defines an eos_token_id to stop at")
+    return ids
+
+
+def _hf_generate(prompts: list[list[int]], max_new_tokens: int, *, model: Any, batch_size: int,
+                 stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    import torch
+    from transformers import GenerationConfig
+
+    if not _is_positive_int(max_new_tokens):
+        raise ValueError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {index} is empty; every prompt needs at least one token")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+        temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_length=0, eos_token_id=stop_ids, pad_token_id=pad_id,
+    )
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+                attention_mask[row, width - len(prompts[i]):] = 1
+            with torch.no_grad():
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        generation_config=config)
+            for row, i in enumerate(batch):
+                completions[i] = _cut_at_stop(output[row, width:].tolist(), stop_ids)
+    finally:
+        model.train(was_training)
+    return completions
+
+
+def _cut_at_stop(token_ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+    for position, token_id in enumerate(token_ids):
+        if token_id in stop_ids:
+            return token_ids[:position + 1]
+    return token_ids
+
+
+# --------------------------------------------------------------------------------------- evaluation
+def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
+             max_prompt_tokens: int | None = None, max_items: int | None = None,
+             predictions_path: str | os.PathLike | None = None) -> EvalResult:
+    """Generate greedily for each item (the first `max_items`), decode without special tokens, score.
+
+    Prompts are rendered by `sdft.prompts.render_prompt_ids` (chat template, generation prompt, left
+    truncation to `max_prompt_tokens`). With `predictions_path`, writes one JSONL row per item
+    atomically: ``{"id", "prompt" (last user message), "completion", "correct", "reference"}``.
+    """
+    from sdft.prompts import render_prompt_ids
+
+    if max_items is not None and not _is_positive_int(max_items):
+        raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
+    items = benchmark.items[:max_items] if max_items is not None else benchmark.items
+    prompts = [render_prompt_ids(tokenizer, list(item.messages), max_prompt_tokens) for item in items]
+    completion_ids = generate(prompts, benchmark.max_new_tokens)
+    if len(completion_ids) != len(items):
+        raise ValueError(f"benchmark {benchmark.name!r}: generate returned {len(completion_ids)} completions "
+                         f"for {len(items)} prompts")
+    texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in completion_ids]
+    per_item = [bool(item.verifier(text)) for item, text in zip(items, texts)]
+    correct = sum(per_item)
+    low, high = wilson_interval(correct, len(items))
+    if predictions_path is not None:
+        atomic_write_jsonl(predictions_path, (
+            {"id": item.id, "prompt": _last_user_message(item.messages), "completion": text,
+             "correct": ok, "reference": item.reference}
+            for item, text, ok in zip(items, texts, per_item)))
+    return EvalResult(name=benchmark.name, split=benchmark.split, n=len(items), correct=correct,
+                      pass_at_1=correct / len(items), ci_low=low, ci_high=high, per_item=per_item)
+
+
+def _last_user_message(messages: Sequence[dict]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message.get("content", "")
+    return ""

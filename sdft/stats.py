@@ -1,0 +1,99 @@
+"""Confidence intervals for pass@1 and its differences: Wilson score and (paired) bootstrap.
+
+One tool-use eval item is about 1 point of accuracy, so single-run differences between methods are
+usually inside these intervals; report them next to every score. Everything here is numpy only and
+deterministic given `seed`.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion successes / n.
+
+    With z the two-sided normal quantile, p = successes / n:
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``. n = 0 gives (0, 1).
+    """
+    _check_confidence(confidence)
+    if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in (successes, n)):
+        raise ValueError(f"wilson_interval: successes and n must be integers, got {successes!r} and {n!r}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    successes, n = int(successes), int(n)
+    p = successes / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def bootstrap_mean_ci(values: Any, confidence: float = 0.95, n_resamples: int = 10000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Percentile-bootstrap interval for the mean; returns (mean, low, high).
+
+    `values`: per-item scores [items], or [seeds, items] for several runs on the same items. The 2-D
+    case is resampled hierarchically: seeds with replacement, then items with replacement, the same
+    item draw shared by all drawn seeds (every run saw the same items, so item difficulty is a shared
+    effect, and drawing items independently per seed would understate it).
+    """
+    matrix = _as_matrix(values, "values")
+    return _bootstrap(matrix, confidence, n_resamples, seed)
+
+
+def paired_difference_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: int = 10000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Paired bootstrap interval for mean(a) - mean(b); returns (mean difference, low, high).
+
+    `a` and `b` have the same shape ([items] or [seeds, items]) and are aligned: position (s, i) of
+    both is item i under seed s. Each resample draws the same seeds and items for both, which is the
+    bootstrap of the per-position differences.
+    """
+    left, right = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if left.shape != right.shape:
+        raise ValueError(f"paired_difference_ci: a has shape {np.shape(a)} and b has shape {np.shape(b)}; "
+                         "they must be equal (the same seeds and items, aligned)")
+    return _bootstrap(left - right, confidence, n_resamples, seed)
+
+
+def _bootstrap(matrix: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float, float]:
+    """matrix: [seeds, items] float64. Counts-based resampling: a draw is a multinomial count vector."""
+    _check_confidence(confidence)
+    if not isinstance(n_resamples, Integral) or isinstance(n_resamples, bool) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    n_seeds, n_items = matrix.shape
+    rng = np.random.default_rng(seed)
+    item_counts = rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=n_resamples)  # [R, items]
+    per_seed = item_counts @ matrix.T / n_items                                                # [R, seeds]
+    if n_seeds > 1:
+        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_resamples)
+        means = (seed_counts * per_seed).sum(axis=1) / n_seeds                                  # [R]
+    else:
+        means = per_seed[:, 0]
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(matrix.mean()), float(low), float(high)
+
+
+def _as_matrix(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty [items] or [seeds, items] array, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: all values must be finite, got {int((~np.isfinite(array)).sum())} non-finite")
+    return array
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
