@@ -31,8 +31,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "chunked"
 
 
-def _materialized_logits(hidden, weight, bias) -> torch.Tensor:
+def _materialized_logits(hidden, weight, bias, mask=None) -> torch.Tensor:
+    """[N, V] logits in float32 (float64 for float64 inputs); masked rows of hidden are zeroed first so that
+    non-finite values there reach neither the loss nor the weight gradient."""
     dtype = reference.compute_dtype(hidden, weight)
+    if mask is not None:
+        check_token_vector("mask", mask, hidden.shape[0], hidden.device, boolean=True)
+        hidden = torch.where(mask[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     logits = hidden.to(dtype) @ weight.to(dtype).T
     return logits if bias is None else logits + bias.to(dtype)
 
@@ -78,9 +83,9 @@ def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "reference":
         return reference.kl_divergence(
-            _materialized_logits(student_hidden, student_weight, student_bias),
+            _materialized_logits(student_hidden, student_weight, student_bias, mask),
             _materialized_logits(teacher_hidden.detach(), teacher_weight.detach(),
-                                 None if teacher_bias is None else teacher_bias.detach()),
+                                 None if teacher_bias is None else teacher_bias.detach(), mask),
             kind=kind, beta=beta, temperature=temperature, mask=mask, weights=weights, reduction=reduction,
             seq_ids=seq_ids,
         )
@@ -140,7 +145,7 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "reference":
         return reference.topk_distill_loss(
-            _materialized_logits(student_hidden, student_weight, student_bias), topk_ids, topk_logprobs,
+            _materialized_logits(student_hidden, student_weight, student_bias, mask), topk_ids, topk_logprobs,
             normalize=normalize, kind=kind, temperature=temperature, mask=mask, weights=weights,
             reduction=reduction, seq_ids=seq_ids,
         )

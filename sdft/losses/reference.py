@@ -58,6 +58,14 @@ def per_token_divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
     return beta * _xlogy_diff(p_t, teacher_logp, log_m) + (1.0 - beta) * _xlogy_diff(p_s, student_logp, log_m)
 
 
+def _zero_masked_rows(x: torch.Tensor, mask) -> torch.Tensor:
+    """Replace masked rows by zeros so that NaN or inf there cannot reach the loss or the gradient."""
+    if mask is None or x.shape[0] != mask.shape[0]:
+        return x
+    keep = mask.view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _check_logits_pair(student_logits, teacher_logits) -> None:
     check_float_tensor("student_logits", student_logits, 2)
     check_float_tensor("teacher_logits", teacher_logits, 2)
@@ -84,8 +92,10 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     check_choice("kind", kind, KL_KINDS)
     check_beta(beta)
     check_temperature(temperature)
+    check_token_vector("mask", mask, student_logits.shape[0], student_logits.device, boolean=True)
     per_token = per_token_divergence(
-        log_probs(student_logits, temperature), log_probs(teacher_logits.detach(), temperature), kind, beta
+        log_probs(_zero_masked_rows(student_logits, mask), temperature),
+        log_probs(_zero_masked_rows(teacher_logits.detach(), mask), temperature), kind, beta,
     )
     return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)
 
@@ -128,8 +138,9 @@ def topk_distill_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     check_choice("normalize", normalize, TOPK_NORMALIZE)
     check_choice("kind", kind, TOPK_KINDS)
     check_temperature(temperature)
-    logp_s = log_probs(student_logits, temperature)
-    valid, q, q_tail = topk_teacher_weights(topk_ids, topk_logprobs, v, normalize)
+    check_token_vector("mask", mask, n, student_logits.device, boolean=True)
+    logp_s = log_probs(_zero_masked_rows(student_logits, mask), temperature)
+    valid, q, q_tail = topk_teacher_weights(topk_ids, _zero_masked_rows(topk_logprobs, mask), v, normalize)
     q = q.to(logp_s.dtype)
     q_tail = q_tail.to(logp_s.dtype)
     safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
@@ -196,10 +207,11 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
                       sampler_logprobs=sampler_logprobs)
     if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
         raise ValueError(f"clip={clip!r} must be None or a number > 0 (the maximum importance ratio)")
+    check_token_vector("mask", mask, n, student_logprobs.device, boolean=True)
     dtype = compute_dtype(student_logprobs)
-    sampler = sampler_logprobs.detach().to(dtype)
-    advantage = teacher_logprobs.detach().to(dtype) - sampler
-    ratio = torch.exp(student_logprobs.to(dtype) - sampler)
+    sampler = _zero_masked_rows(sampler_logprobs.detach().to(dtype), mask)
+    advantage = _zero_masked_rows(teacher_logprobs.detach().to(dtype), mask) - sampler
+    ratio = torch.exp(_zero_masked_rows(student_logprobs.to(dtype), mask) - sampler)
     if clip is not None:
         ratio = ratio.clamp(max=clip)
     return reduce_per_token(-ratio * advantage, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)

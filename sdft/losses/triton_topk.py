@@ -1,0 +1,343 @@
+"""Triton kernels for top-K: the teacher's top-K log-probs, and the student's top-K distillation loss.
+
+Top-K selection (`triton_fused_linear_topk`): each logit a = z / T is packed with its id into one int64
+key, (order-preserving int32 image of the float32 value) << 32 | (2^31 - 1 - id), so that a descending
+sort of keys orders by value and breaks ties by the lower id. A program keeps the best KP keys of its rows
+(KP = next power of two >= K) and merges every vocabulary tile into them: the tile's best KP (a sort, then
+a max over KP-wide column groups) and the running best are sorted together and cut to KP. Tiles holding no
+key above the running KP-th best are skipped. The online softmax runs alongside; per-split candidates are
+merged with torch.topk on the keys. One GEMM.
+
+Top-K distillation (`triton_fused_linear_topk_distill`), student log p = a - lse over the FULL vocabulary.
+Teacher buckets: "renormalize" w_k = softmax over the valid slots of the teacher log-probs; "tail" w_k =
+exp(lp_k) plus w_tail = max(0, 1 - sum_k w_k) for the student's mass outside the K ids,
+log s_tail = lse_tail - lse with lse_tail the log-sum-exp of the non-top-K logits (exact, no 1 - sum).
+  cross_entropy  L = -sum_k w_k log p(id_k) - w_tail log s_tail
+  forward_kl     L = cross_entropy + sum_k w_k log w_k + w_tail log w_tail          (0 log 0 = 0)
+  dL/dz_j = c / T (W p_j - w_{k(j)} [j = id_k] - w_tail [j not in ids] exp(a_j - lse_tail)),  W = sum w + w_tail
+Invalid slots (id < 0 or id >= V) have weight 0; a row without a valid slot has loss 0 and zero gradient.
+Passes: stats (lse, lse_tail, a(id_k) read from the same tiles; 1 GEMM), dz per (row block, vocabulary
+tile) (1 GEMM), dh = dz W (1 GEMM), dW += dz^T h (1 GEMM, only when need_weight_grad).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    INT64_MIN, NEG, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles, dot_flags,
+    grouped_tile, logit_tile, merge_lse, next_pow2, vocab_splits, with_block_v,
+)
+from .triton_kl import student_gradients
+
+MAX_K = 1024
+NORMALIZE = ("renormalize", "tail")
+LOSS_KINDS = ("cross_entropy", "forward_kl")
+
+
+@triton.jit
+def _pack_keys(values, ids):
+    """int64 keys ordered like (value descending, id ascending); -0.0 is folded into +0.0."""
+    values = tl.where(values == 0.0, 0.0, values)
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+
+
+@triton.jit
+def _top_columns(keys, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, KP: tl.constexpr):
+    """The KP largest keys of each row of keys [BLOCK_N, WIDTH], sorted descending."""
+    ordered = tl.sort(keys, dim=1, descending=True)
+    return tl.max(tl.reshape(ordered, (BLOCK_N, WIDTH // KP, KP)), axis=1)
+
+
+@triton.jit
+def _topk_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, cand_ptr, N, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
+                 temperature, n_splits, tiles_per_split,
+                 HAS_BIAS: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """Per split: softmax partials [2, S, N] (m, l) and the best KP keys per row [N, S, KP]."""
+    row_block, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.full((BLOCK_N,), NEG, tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    best = tl.full((BLOCK_N, KP), INT64_MIN, tl.int64)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(first, last):
+        offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = (offs_v < V)[None, :]
+        a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
+                       temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
+        a = tl.where(col_ok, a, NEG)
+        new_m = tl.maximum(m, tl.max(a, axis=1))
+        l = l * tl.exp(m - new_m) + tl.sum(tl.where(col_ok, tl.exp(a - new_m[:, None]), 0.0), axis=1)
+        m = new_m
+        keys = tl.where(col_ok, _pack_keys(a, offs_v[None, :]), INT64_MIN)
+        threshold = tl.min(best, axis=1)
+        if tl.max(tl.where(keys > threshold[:, None], 1, 0)) > 0:
+            tile_best = _top_columns(keys, BLOCK_N, BLOCK_V, KP)
+            both = tl.reshape(tl.join(best, tile_best), (BLOCK_N, 2 * KP))
+            best = _top_columns(both, BLOCK_N, 2 * KP, KP)
+    row_ok = offs_n < N
+    tl.store(stats_ptr + split * N + offs_n, m, mask=row_ok)
+    tl.store(stats_ptr + (n_splits + split) * N + offs_n, l, mask=row_ok)
+    cand = cand_ptr + (offs_n.to(tl.int64)[:, None] * n_splits + split) * KP + tl.arange(0, KP)[None, :]
+    tl.store(cand, best, mask=row_ok[:, None])
+
+
+def _unpack_keys(keys: torch.Tensor):
+    """Inverse of _pack_keys: (ids int64, values float32)."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return 2147483647 - (keys & 0xFFFFFFFF), bits.view(torch.float32)
+
+
+def _check_k(k, v: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= min(v, MAX_K):
+        raise ValueError(f"k={k!r} must be an int in [1, min(V={v}, {MAX_K})] on the Triton path")
+    return k
+
+
+def _topk_tiles(cfg: TileConfig, kp: int) -> TileConfig:
+    cfg = with_block_v(cfg, max(cfg.block_v, kp))
+    if kp >= 128 and cfg.block_n > 32:  # keep the running [block_n, KP] int64 keys in registers
+        from dataclasses import replace
+        cfg = replace(cfg, block_n=32 if kp <= 256 else 16)
+    return cfg
+
+
+@torch.no_grad()
+def triton_fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias=None,
+                             temperature: float = 1.0, tiles: Optional[TileConfig] = None):
+    """Top-K of softmax((h W^T + b) / T) per row: ids [N, K] int64 and log-probs [N, K] float32, sorted by
+    descending log-prob (ties: lower id first), log-probs normalized over the full vocabulary.
+    hidden [N, H], weight [V, H] (one dtype: bf16, fp16 or fp32), bias [V]; 1 <= k <= min(V, 1024)."""
+    n, h_size, v = check_pair("hidden", hidden, weight, bias)
+    k = _check_k(k, v)
+    temperature = check_temperature(temperature)
+    device = hidden.device
+    kp = next_pow2(k)
+    cfg = _topk_tiles(tiles or default_tiles(device), kp)
+    if n == 0:
+        return (torch.empty(0, k, dtype=torch.int64, device=device),
+                torch.empty(0, k, dtype=torch.float32, device=device))
+    b = clean_bias(bias)
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    splits, per_split = vocab_splits(cfg, n_row_blocks, triton.cdiv(v, cfg.block_v), device)
+    stats = torch.empty(2, splits, n, dtype=torch.float32, device=device)
+    cand = torch.empty(n, splits, kp, dtype=torch.int64, device=device)
+    flags = dot_flags(weight.dtype, device)
+    _topk_kernel[(n_row_blocks * splits,)](
+        hidden, weight, stats if b is None else b, stats, cand, n, v, h_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), temperature, splits, per_split,
+        HAS_BIAS=b is not None, KP=kp, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        GROUP=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    _, _, lse = merge_lse(stats[0], stats[1])
+    keys = torch.topk(cand.view(n, splits * kp), k, dim=1, sorted=True).values
+    ids, values = _unpack_keys(keys)
+    return ids, values - lse[:, None]
+
+
+@triton.jit
+def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N, V, H, K,
+                          s_h_n, s_h_h, s_w_v, s_w_h, temperature, n_splits, tiles_per_split,
+                          TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                          PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """Per split: partials [4, S, N] (m, l, m_tail, l_tail) and a(id_k) into picked [N, K] for the ids
+    [N, K] (int32, -1 = invalid) found in this split; tail statistics skip the rows' ids."""
+    row_block, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    id_rows = ids_ptr + offs_n.to(tl.int64) * K
+    m = tl.full((BLOCK_N,), NEG, tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    m_tail = tl.full((BLOCK_N,), NEG, tl.float32)
+    l_tail = tl.zeros((BLOCK_N,), tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(first, last):
+        v0 = tile * BLOCK_V
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        col_ok = (offs_v < V)[None, :]
+        a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
+                       temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
+        a = tl.where(col_ok, a, NEG)
+        new_m = tl.maximum(m, tl.max(a, axis=1))
+        l = l * tl.exp(m - new_m) + tl.sum(tl.where(col_ok, tl.exp(a - new_m[:, None]), 0.0), axis=1)
+        m = new_m
+        member = tl.zeros((BLOCK_N, BLOCK_V), tl.int32)
+        for k in range(0, K):
+            id_k = tl.load(id_rows + k, mask=row_ok, other=-1)
+            in_tile = (id_k >= v0) & (id_k < v0 + BLOCK_V)
+            if tl.max(in_tile.to(tl.int32)) > 0:
+                hit = offs_v[None, :] == id_k[:, None]
+                tl.store(picked_ptr + offs_n.to(tl.int64) * K + k, tl.sum(tl.where(hit, a, 0.0), axis=1),
+                         mask=in_tile & row_ok)
+                if TAIL:
+                    member = tl.where(hit, 1, member)
+        if TAIL:
+            rest = col_ok & (member == 0)
+            a_rest = tl.where(rest, a, NEG)
+            new_mt = tl.maximum(m_tail, tl.max(a_rest, axis=1))
+            l_tail = l_tail * tl.exp(m_tail - new_mt) + tl.sum(tl.where(rest, tl.exp(a_rest - new_mt[:, None]), 0.0),
+                                                               axis=1)
+            m_tail = new_mt
+    out = stats_ptr + split * N + offs_n
+    plane = n_splits * N
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, l, mask=row_ok)
+    tl.store(out + 2 * plane, m_tail, mask=row_ok)
+    tl.store(out + 3 * plane, l_tail, mask=row_ok)
+
+
+@triton.jit
+def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, lse_tail_ptr, total_ptr, tail_w_ptr,
+                         scale_ptr, dz_ptr, db_ptr, row0, n_rows, V, H, K, s_h_n, s_h_h, s_w_v, s_w_h, s_dz_n,
+                         temperature,
+                         TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                         PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """dz [n_rows, V] = c / T (W p - w_k [j = id_k] - w_tail [j not in ids] exp(a - lse_tail)) for rows
+    row0 .. row0 + n_rows; with BIAS_GRAD also column sums per row block into db."""
+    row_block, col_block = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    local = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_ok = local < n_rows
+    offs_n = row0 + local
+    v0 = col_block * BLOCK_V
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    col_ok = offs_v < V
+    a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, row0 + n_rows, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
+                   temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
+    lse = tl.load(lse_ptr + offs_n, mask=local_ok, other=0.0)
+    total = tl.load(total_ptr + offs_n, mask=local_ok, other=0.0)
+    scale = tl.load(scale_ptr + offs_n, mask=local_ok, other=0.0)
+    g = total[:, None] * tl.exp(a - lse[:, None])
+    member = tl.zeros((BLOCK_N, BLOCK_V), tl.int32)
+    id_rows = ids_ptr + offs_n.to(tl.int64) * K
+    for k in range(0, K):
+        id_k = tl.load(id_rows + k, mask=local_ok, other=-1)
+        in_tile = (id_k >= v0) & (id_k < v0 + BLOCK_V)
+        if tl.max(in_tile.to(tl.int32)) > 0:
+            w_k = tl.load(slot_w_ptr + offs_n.to(tl.int64) * K + k, mask=local_ok & in_tile, other=0.0)
+            hit = offs_v[None, :] == id_k[:, None]
+            g = g - tl.where(hit, w_k[:, None], 0.0)
+            if TAIL:
+                member = tl.where(hit, 1, member)
+    if TAIL:
+        lse_tail = tl.load(lse_tail_ptr + offs_n, mask=local_ok, other=0.0)
+        tail_w = tl.load(tail_w_ptr + offs_n, mask=local_ok, other=0.0)
+        rest = (member == 0) & (tail_w != 0.0)[:, None]
+        g = g - tl.where(rest, tail_w[:, None] * tl.exp(a - lse_tail[:, None]), 0.0)
+    keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
+    g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
+    tl.store(dz_ptr + local.to(tl.int64)[:, None] * s_dz_n + offs_v[None, :], g.to(dz_ptr.dtype.element_ty),
+             mask=local_ok[:, None] & col_ok[None, :])
+    if BIAS_GRAD:
+        tl.store(db_ptr + row_block.to(tl.int64) * V + offs_v, tl.sum(g, axis=0), mask=col_ok)
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * torch.log(torch.where(x > 0, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                     topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
+                                     normalize: str = "renormalize", kind: str = "cross_entropy",
+                                     temperature: float = 1.0, token_scale: torch.Tensor, student_bias=None,
+                                     need_weight_grad: bool, tiles: Optional[TileConfig] = None,
+                                     max_dz_bytes: int = 1 << 30):
+    """Per-token top-K distillation loss and its precomputed student gradients (module docstring).
+
+    student_hidden [N, H], student_weight [V, H] (one dtype: bf16, fp16 or fp32), topk_ids [N, K] integer,
+    topk_logprobs [N, K] teacher log-probs, token_scale [N] (c_n), student_bias [V]. Returns (loss [N] fp32,
+    dh [N, H] fp32, dW [V, H] fp32 or None, db [V] fp32 or None), gradients of sum_n c_n L_n; rows with
+    c_n = 0 or no valid id get loss 0 and zero gradients. Ids within a row are expected to be distinct.
+    """
+    n, h_size, v = check_pair("student", student_hidden, student_weight, student_bias)
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
+            or topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor of shape [{n}, K], got "
+                         f"{getattr(topk_ids, 'dtype', type(topk_ids).__name__)} {getattr(topk_ids, 'shape', '')}")
+    if not isinstance(topk_logprobs, torch.Tensor) or topk_logprobs.shape != topk_ids.shape \
+            or not topk_logprobs.dtype.is_floating_point:
+        raise ValueError(f"topk_logprobs must be a float tensor of shape {tuple(topk_ids.shape)} like topk_ids, got "
+                         f"{getattr(topk_logprobs, 'dtype', type(topk_logprobs).__name__)} "
+                         f"{getattr(topk_logprobs, 'shape', '')}")
+    for name, t in (("topk_ids", topk_ids), ("topk_logprobs", topk_logprobs)):
+        if t.device != student_hidden.device:
+            raise ValueError(f"{name} is on {t.device} but student_hidden is on {student_hidden.device}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize={normalize!r} is not supported; allowed: 'renormalize', 'tail'")
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind={kind!r} is not supported; allowed: 'cross_entropy', 'forward_kl'")
+    temperature = check_temperature(temperature)
+    scale = check_scale(token_scale, n, student_hidden.device)
+    device = student_hidden.device
+    cfg = tiles or default_tiles(device)
+    k = topk_ids.shape[1]
+    tail = normalize == "tail"
+    hs, ws, bs = student_hidden.detach(), student_weight.detach(), clean_bias(student_bias)
+
+    valid = (topk_ids >= 0) & (topk_ids < v)
+    any_valid = valid.any(dim=1)
+    ids32 = torch.where(valid, topk_ids, torch.full_like(topk_ids, -1)).to(torch.int32).contiguous()
+    lp = topk_logprobs.detach().to(torch.float32)
+    if tail:
+        slot_w = torch.where(valid, lp.exp(), torch.zeros_like(lp))
+        tail_w = (1.0 - slot_w.sum(dim=1)).clamp(min=0.0)
+    else:
+        masked = torch.where(valid, lp, torch.full_like(lp, float("-inf")))
+        slot_w = torch.softmax(torch.where(any_valid[:, None], masked, torch.zeros_like(lp)), dim=1)
+        slot_w = torch.where(valid, slot_w, torch.zeros_like(slot_w))
+        tail_w = torch.zeros(n, dtype=torch.float32, device=device)
+    row_scale = torch.where(any_valid, scale, torch.zeros_like(scale))
+    if n == 0 or k == 0:
+        return (torch.zeros(n, dtype=torch.float32, device=device),
+                torch.zeros(n, h_size, dtype=torch.float32, device=device),
+                torch.zeros(v, h_size, dtype=torch.float32, device=device) if need_weight_grad else None,
+                torch.zeros(v, dtype=torch.float32, device=device) if bs is not None else None)
+
+    flags = dot_flags(ws.dtype, device)
+    common = dict(h_ptr=hs, w_ptr=ws, b_ptr=scale if bs is None else bs, ids_ptr=ids32, V=v, H=h_size, K=k,
+                  s_h_n=hs.stride(0), s_h_h=hs.stride(1), s_w_v=ws.stride(0), s_w_h=ws.stride(1),
+                  temperature=temperature, TAIL=tail, HAS_BIAS=bs is not None, BLOCK_N=cfg.block_n,
+                  BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP=cfg.group, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, **flags)
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    splits, per_split = vocab_splits(cfg, n_row_blocks, triton.cdiv(v, cfg.block_v), device)
+    stats = torch.empty(4, splits, n, dtype=torch.float32, device=device)
+    picked = torch.zeros(n, k, dtype=torch.float32, device=device)
+    _distill_stats_kernel[(n_row_blocks * splits,)](stats_ptr=stats, picked_ptr=picked, N=n, n_splits=splits,
+                                                    tiles_per_split=per_split, **common)
+    _, _, lse = merge_lse(stats[0], stats[1])
+    student_lp = picked - lse[:, None]
+    loss = -(slot_w * torch.where(valid, student_lp, torch.zeros_like(student_lp))).sum(dim=1)
+    if kind == "forward_kl":
+        loss = loss + _xlogx(slot_w).sum(dim=1)
+    if tail:
+        _, _, lse_tail = merge_lse(stats[2], stats[3])
+        has_tail = tail_w > 0
+        tail_lp = torch.where(has_tail, lse_tail - lse, torch.zeros_like(lse))
+        loss = loss - tail_w * tail_lp
+        if kind == "forward_kl":
+            loss = loss + _xlogx(tail_w)
+    else:
+        lse_tail = lse
+    loss = torch.where(row_scale != 0, loss, torch.zeros_like(loss))
+
+    grad_args = dict(common, slot_w_ptr=slot_w.contiguous(), lse_ptr=lse.contiguous(),
+                     lse_tail_ptr=lse_tail.contiguous(), total_ptr=(slot_w.sum(dim=1) + tail_w).contiguous(),
+                     tail_w_ptr=tail_w.contiguous(), scale_ptr=row_scale, BIAS_GRAD=bs is not None)
+
+    def launch(grid, dz, db, row0, rows, **kw):
+        _distill_grad_kernel[grid](dz_ptr=dz, db_ptr=dz if db is None else db, row0=row0, n_rows=rows,
+                                   s_dz_n=dz.stride(0), **kw)
+
+    dh, dw, db = student_gradients(launch, grad_args, hs, ws, bs is not None, need_weight_grad, cfg, max_dz_bytes)
+    return loss, dh, dw, db
