@@ -1,0 +1,209 @@
+"""The Backend protocol and the data it passes between the loop's stages.
+
+One SDFT step is `sample -> teacher_targets -> train_step -> update_teacher`. The data classes below are
+what flows between those calls; they hold token ids as tuples of ints and per-token tensors as one tensor
+per rollout (no padding), so that a backend decides its own batching.
+
+Shapes: T_i = number of completion tokens of rollout i, K = top-K width, Ht = teacher hidden size,
+V = vocabulary size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+TARGET_KINDS = ("full", "topk", "sampled")
+DIVERGENCE_KINDS = ("forward", "reverse", "jsd")
+TOPK_NORMALIZE = ("renormalize", "tail")
+TOPK_KINDS = ("cross_entropy", "forward_kl")
+REDUCTIONS = ("seq_mean", "token_mean", "sum")
+IMPLS = ("auto", "reference", "chunked", "triton")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """On-policy sampling: up to `max_new_tokens` tokens from softmax(z / temperature), nucleus `top_p`."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled completion.
+
+    `completion_ids` ends with the EOS token when `finished` is True (EOS included, padding never);
+    otherwise it stopped at `max_new_tokens`. `sampler_logprobs[j]` is the log-probability of
+    `completion_ids[j]` under the distribution it was sampled from (temperature and top_p applied).
+    """
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    sampler_logprobs: tuple[float, ...]
+    finished: bool
+
+    def __post_init__(self):
+        if len(self.prompt_ids) == 0:
+            raise ValueError("prompt_ids must hold at least one token, got an empty sequence")
+        if len(self.sampler_logprobs) != len(self.completion_ids):
+            raise ValueError(
+                f"sampler_logprobs must have one entry per completion token: got {len(self.sampler_logprobs)} "
+                f"log-probs for {len(self.completion_ids)} completion tokens"
+            )
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the train step optimizes.
+
+    targets: "full" (full-vocabulary divergence `kind` in forward/reverse/jsd with `beta`, local backend
+      only), "topk" (teacher top-`topk` log-probs, `topk_normalize` in renormalize/tail, `topk_kind` in
+      cross_entropy/forward_kl) or "sampled" (sampled-token importance-sampling loss, the topk=0 fallback).
+    temperature: p = softmax(z / temperature) for teacher and student.
+    skip_first_n_tokens: the first n completion tokens of every rollout get no loss.
+    reduction over the whole optimizer batch: "seq_mean" (token mean per sequence, then mean over all
+      sequences of the batch), "token_mean" (mean over all unmasked tokens) or "sum".
+    is_clip: when set, each sequence's loss is multiplied by the detached truncated importance weight
+      mean_t min(exp(logp_train_t - logp_sampler_t), is_clip) over its unmasked tokens; for "sampled"
+      targets it is instead the per-token ratio clamp of the sampled-token loss.
+    impl, chunk_size: passed to the fused losses.
+    """
+
+    targets: str = "full"
+    kind: str = "forward"
+    beta: float = 0.5
+    topk: int = 20
+    topk_normalize: str = "renormalize"
+    topk_kind: str = "cross_entropy"
+    temperature: float = 1.0
+    skip_first_n_tokens: int = 3
+    reduction: str = "seq_mean"
+    is_clip: float | None = None
+    impl: str = "auto"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        _choice("targets", self.targets, TARGET_KINDS)
+        _choice("kind", self.kind, DIVERGENCE_KINDS)
+        _choice("topk_normalize", self.topk_normalize, TOPK_NORMALIZE)
+        _choice("topk_kind", self.topk_kind, TOPK_KINDS)
+        _choice("reduction", self.reduction, REDUCTIONS)
+        _choice("impl", self.impl, IMPLS)
+        if not (isinstance(self.beta, (int, float)) and 0 <= self.beta <= 1):
+            raise ValueError(f"beta must be in [0, 1], got {self.beta!r}")
+        if self.targets == "topk" and (not isinstance(self.topk, int) or self.topk < 1):
+            raise ValueError(f"topk must be an int >= 1 for targets='topk', got {self.topk!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature!r}")
+        if not isinstance(self.skip_first_n_tokens, int) or self.skip_first_n_tokens < 0:
+            raise ValueError(f"skip_first_n_tokens must be an int >= 0, got {self.skip_first_n_tokens!r}")
+        if self.is_clip is not None and not (isinstance(self.is_clip, (int, float)) and self.is_clip > 0):
+            raise ValueError(f"is_clip must be None or a float > 0, got {self.is_clip!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
+
+
+@dataclass(frozen=True)
+class FullVocabTargets:
+    """Teacher final-norm hidden states at the completion positions (local backend only).
+
+    hidden[i]: [T_i, Ht], row j is the teacher hidden state that predicts completion token j of rollout i.
+    weight [V, Ht] / bias [V] or None: the teacher's output layer, so teacher logits = hidden @ weight.T + bias.
+    teacher_entropy[i]: [T_i] entropy of the teacher distribution at each position (metrics only).
+    """
+
+    hidden: tuple[torch.Tensor, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    teacher_entropy: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TopKTargets:
+    """Teacher top-K at each completion position: ids[i] [T_i, K] int64 and logprobs[i] [T_i, K] fp32,
+    log-probabilities normalized over the full vocabulary; teacher_entropy[i] [T_i] or None."""
+
+    ids: tuple[torch.Tensor, ...]
+    logprobs: tuple[torch.Tensor, ...]
+    teacher_entropy: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SampledTargets:
+    """Teacher log-probability of each sampled completion token: teacher_logprobs[i] [T_i] fp32;
+    teacher_entropy[i] [T_i] or None."""
+
+    teacher_logprobs: tuple[torch.Tensor, ...]
+    teacher_entropy: tuple[torch.Tensor, ...] | None = None
+
+
+Targets = Union[FullVocabTargets, TopKTargets, SampledTargets]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model that can be sampled, scored as a teacher and trained; the loop sees only this."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        ...
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
+        """One on-policy completion per prompt from the student."""
+        ...
+
+    def teacher_targets(self, teacher_prompt_ids: Sequence[Sequence[int]], rollouts: Sequence[Rollout],
+                        spec: LossSpec) -> Targets:
+        """Score each rollout's completion with the teacher on [teacher prompt | completion]."""
+        ...
+
+    def train_step(self, rollouts: Sequence[Rollout], targets: Targets, spec: LossSpec, *,
+                   micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step over the whole batch (gradient accumulation over micro-batches)."""
+        ...
+
+    def update_teacher(self, step: int) -> None:
+        """Called after optimizer step number `step` (1-based): EMA update or periodic sync."""
+        ...
+
+    def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions from the student (EOS included when produced)."""
+        ...
+
+    def sft_step(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], *,
+                 micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step of cross-entropy on the target tokens, token mean over the batch."""
+        ...
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        ...
+
+    def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        ...
+
+    def optimizer_state(self) -> dict:
+        ...
+
+    def load_optimizer_state(self, state: dict) -> None:
+        ...
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from sdft.optim import build_optimizer, build_schedule, lr_factor
+
+
+def _params(*shapes):
+    return [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+
+
+def test_adamw_first_step_matches_hand_computation():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    opt = build_optimizer([p, frozen], lr=0.1, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert len(opt.param_groups[0]["params"]) == 1  # frozen parameters are left out
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    g = torch.tensor([0.3, -0.2, 0.0])
+    p.grad = g.clone()
+    before = p.detach().clone()
+    opt.step()
+    # decoupled decay, then m_hat = g, v_hat = g^2 after bias correction: update = lr * g / (|g| + eps)
+    expected = before * (1 - 0.1 * 0.01) - 0.1 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=1e-3, weight_decay=-1), "weight_decay"),
+    (dict(lr=1e-3, beta1=1.0), "beta1"), (dict(lr=1e-3, beta2=-0.1), "beta2"), (dict(lr=1e-3, eps=0), "eps"),
+])
+def test_build_optimizer_rejects_bad_values(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        build_optimizer(_params((2,)), **kwargs)
+
+
+def test_build_optimizer_needs_trainable_params():
+    with pytest.raises(ValueError, match="params"):
+        build_optimizer([torch.nn.Parameter(torch.ones(1), requires_grad=False)], lr=1e-3)
+
+
+def test_cosine_schedule_with_warmup_values():
+    total, ratio = 10, 0.15  # W = ceil(1.5) = 2
+    factors = [lr_factor(s, schedule="cosine", total_steps=total, warmup_ratio=ratio) for s in range(total)]
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert lr_factor(total, schedule="cosine", total_steps=total, warmup_ratio=ratio) == pytest.approx(0.0)
+
+
+def test_constant_schedule_and_lr_seen_by_optimizer():
+    p = _params((3,))
+    opt = build_optimizer(p, lr=0.2)
+    sched = build_schedule(opt, schedule="constant", total_steps=8, warmup_ratio=0.5)  # W = 4
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        p[0].grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2, 0.2, 0.2])
+
+
+def test_no_warmup_starts_at_full_lr():
+    opt = build_optimizer(_params((1,)), lr=0.3)
+    build_schedule(opt, schedule="cosine", total_steps=4, warmup_ratio=0.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
+
+
+def test_schedule_state_round_trip():
+    p = _params((2,))
+    opt = build_optimizer(p, lr=1.0)
+    sched = build_schedule(opt, schedule="cosine", total_steps=10, warmup_ratio=0.1)
+    for _ in range(3):
+        p[0].grad = torch.ones(2)
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = build_optimizer(_params((2,)), lr=1.0)
+    sched2 = build_schedule(opt2, schedule="cosine", total_steps=10, warmup_ratio=0.1)
+    sched2.load_state_dict(state)
+    assert sched2.last_epoch == 3
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(schedule="linear", total_steps=5), "schedule"), (dict(total_steps=0), "total_steps"),
+    (dict(total_steps=2.5), "total_steps"), (dict(total_steps=5, warmup_ratio=1.0), "warmup_ratio"),
+    (dict(total_steps=5, warmup_ratio=-0.1), "warmup_ratio"),
+])
+def test_build_schedule_rejects_bad_values(kwargs, word):
+    opt = build_optimizer(_params((1,)), lr=1e-3)
+    with pytest.raises(ValueError, match=word):
+        build_schedule(opt, **kwargs)
