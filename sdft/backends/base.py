@@ -78,8 +78,9 @@ class LossSpec:
     reduction over the whole optimizer batch: "seq_mean" (token mean per sequence, then mean over all
       sequences of the batch), "token_mean" (mean over all unmasked tokens) or "sum".
     is_clip: when set, each sequence's loss is multiplied by the detached truncated importance weight
-      mean_t min(exp(logp_train_t - logp_sampler_t), is_clip) over its unmasked tokens; for "sampled"
-      targets it is instead the per-token ratio clamp of the sampled-token loss.
+      mean_t min(exp(logp_train_t - logp_sampler_t), is_clip) over its unmasked tokens (logp_train at
+      `temperature`, so it should equal the sampling temperature); for "sampled" targets it is instead
+      the per-token ratio clamp of the sampled-token loss.
     impl, chunk_size: passed to the fused losses.
     """
 

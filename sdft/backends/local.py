@@ -273,6 +273,16 @@ class LocalBackend:
         spec.is_clip is set (not for "sampled" targets, whose loss clamps the per-token ratio itself).
         The objective sum_t w_t loss_t is accumulated over micro-batches of `micro_batch_size` rollouts,
         so the gradient equals that of one batch. Then: grad-norm clip, optimizer and schedule step.
+        The fused losses are called with reduction="none" and the mask, and weighted here, so that the
+        per-token values also give the metrics (under full fine-tuning this costs the loss one extra
+        pass over the vocabulary for the output-layer gradient).
+
+        Metrics: loss (the objective), kl (mean over loss tokens of the per-token term: the divergence,
+        the top-K cross-entropy, or for "sampled" log p_student - log p_teacher of the sampled token),
+        teacher_entropy / student_entropy (means over loss tokens), completion_len (mean), loss_tokens,
+        tokens_per_s (student prompt + completion tokens per second), step_time_s, lr (used by this
+        step), grad_norm (before clipping), is_weight_mean (mean per-sequence truncated IS weight; a
+        diagnostic of sampler/trainer mismatch, applied only when is_clip is set).
         """
         _positive_int("micro_batch_size", micro_batch_size)
         if not isinstance(spec, LossSpec):
