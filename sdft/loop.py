@@ -1,0 +1,183 @@
+"""The SDFT training loop, and the run shell it shares with the SFT baseline.
+
+One SDFT step (any backend):
+    rollouts = backend.sample(student prompts)                       on-policy, sampler log-probs kept
+    targets  = backend.teacher_targets(teacher prompts, rollouts)    full-vocab, top-K or sampled-token
+    metrics  = backend.train_step(rollouts, targets, loss spec)      one optimizer step
+    backend.update_teacher(step)                                     static: no-op; ema; sync every N
+
+`run_training` wraps any such step function with what every run needs: deterministic batches, evaluation
+before, during and after training, metrics.jsonl / TensorBoard / progress, checkpoints every N steps with
+exact resume, a learning-curve plot and summary.md.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sdft.backends.base import LossSpec, SamplingParams
+from sdft.batches import EncodedExample, batch_indices
+from sdft.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                             save_checkpoint)
+from sdft.config import Config, config_to_dict, dump_config
+from sdft.evaluation import Benchmark, EvalResult, evaluate
+from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
+
+StepFn = Callable[[Any, Sequence[EncodedExample], int], dict]
+"""(backend, batch, step) -> metrics of one optimizer step."""
+
+
+def loss_spec_from_config(config: Config) -> LossSpec:
+    loss = config.loss
+    return LossSpec(targets=loss.targets, kind=loss.kind, beta=loss.beta, topk=loss.topk,
+                    topk_normalize=loss.topk_normalize, topk_kind=loss.topk_kind, temperature=loss.temperature,
+                    skip_first_n_tokens=loss.skip_first_n_tokens, reduction=loss.reduction, is_clip=loss.is_clip,
+                    impl=loss.impl, chunk_size=loss.chunk_size)
+
+
+def sampling_from_config(config: Config) -> SamplingParams:
+    gen = config.generation
+    return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p)
+
+
+def sdft_step_fn(config: Config) -> StepFn:
+    """The SDFT step: sample, score with the teacher, train, update the teacher."""
+    spec, sampling, micro = loss_spec_from_config(config), sampling_from_config(config), config.optim.micro_batch_size
+
+    def step_fn(backend, batch: Sequence[EncodedExample], step: int) -> dict:
+        start = time.perf_counter()
+        rollouts = backend.sample([b.student_ids for b in batch], sampling)
+        sampled = time.perf_counter()
+        targets = backend.teacher_targets([b.teacher_ids for b in batch], rollouts, spec)
+        scored = time.perf_counter()
+        metrics = dict(backend.train_step(rollouts, targets, spec, micro_batch_size=micro))
+        trained = time.perf_counter()
+        backend.update_teacher(step)
+        metrics.update(sample_time_s=sampled - start, teacher_time_s=scored - sampled,
+                       train_time_s=trained - scored, step_time_s=time.perf_counter() - start,
+                       completion_len=sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
+                       finished_frac=sum(r.finished for r in rollouts) / max(1, len(rollouts)))
+        return metrics
+    return step_fn
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    scores_before: dict[str, EvalResult] = field(default_factory=dict)
+    scores_after: dict[str, EvalResult] = field(default_factory=dict)
+
+
+def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
+                  only=None) -> dict[str, EvalResult]:
+    results = {}
+    for benchmark, max_items in benchmarks:
+        if only is not None and not only(benchmark):
+            continue
+        results[benchmark.name] = evaluate(
+            benchmark, backend.generate_greedy, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+            max_items=max_items, predictions_path=run_dir / "predictions" / f"{benchmark.name}{tag}.jsonl",
+        )
+    return results
+
+
+def _eval_metrics(results: dict[str, EvalResult]) -> dict:
+    out = {}
+    for result in results.values():
+        out.update(result.metrics())
+    return out
+
+
+def _result_to_state(results: dict[str, EvalResult]) -> dict:
+    return {name: {"name": r.name, "split": r.split, "n": r.n, "correct": r.correct, "pass_at_1": r.pass_at_1,
+                   "ci_low": r.ci_low, "ci_high": r.ci_high, "per_item": list(r.per_item)}
+            for name, r in results.items()}
+
+
+def _result_from_state(state: dict) -> dict[str, EvalResult]:
+    return {name: EvalResult(**{**row, "per_item": list(row["per_item"])}) for name, row in state.items()}
+
+
+def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedExample],
+                 benchmarks: Sequence[tuple[Benchmark, int | None]], steps: int, step_fn: StepFn,
+                 run_dir: str | Path, notes: Sequence[str] = (), is_main_process: bool = True,
+                 stop_after: int | None = None) -> RunResult:
+    """Train for `steps` optimizer steps with `step_fn`, evaluating and checkpointing along the way.
+
+    With config.resume and a checkpoint in run_dir, continues after its step with the same weights,
+    optimizer, schedule, RNG streams and batch order; metrics rows past the checkpoint are dropped.
+    `stop_after` ends the run early after that step (without the final evaluation), for tests and
+    time-boxed jobs; `is_main_process` = False writes nothing (other ranks of a distributed run).
+    """
+    run_dir = Path(run_dir)
+    start_step, scores_before = 0, {}
+    checkpoint_path = latest_checkpoint(run_dir) if config.resume else None
+    if checkpoint_path is not None:
+        ckpt = load_checkpoint(checkpoint_path)
+        backend.load_state_tensors(ckpt.tensors)
+        backend.load_optimizer_state(ckpt.objects["optimizer"])
+        restore_rng_state(ckpt.rng)
+        start_step = ckpt.step
+        scores_before = _result_from_state(ckpt.state.get("scores_before", {}))
+    if is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard,
+                           resume_step=start_step if checkpoint_path is not None else None) if is_main_process else None
+
+    def log(step, split, metrics):
+        if logger is not None:
+            logger.log(step, split, metrics)
+
+    if start_step == 0 and config.eval.before_training and benchmarks:
+        scores_before = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag=".before")
+        for split in sorted({r.split for r in scores_before.values()}):
+            log(0, split, _eval_metrics({k: v for k, v in scores_before.items() if v.split == split}))
+
+    def save(step):
+        if not is_main_process:
+            return
+        save_checkpoint(run_dir, step, tensors=backend.state_tensors(),
+                        objects={"optimizer": backend.optimizer_state()},
+                        state={"step": step, "scores_before": _result_to_state(scores_before)},
+                        keep_last=config.checkpoint.keep_last, rng=capture_rng_state())
+
+    last = steps if stop_after is None else min(steps, stop_after)
+    with ProgressBar(steps, initial=start_step, desc=config.run_name,
+                     enabled=config.logging.progress and is_main_process) as bar:
+        for step in range(start_step + 1, last + 1):
+            batch = [train[i] for i in batch_indices(step, n_examples=len(train), batch_size=config.optim.batch_size,
+                                                     seed=config.seed)]
+            metrics = step_fn(backend, batch, step)
+            log(step, "train", {f"train/{k}": v for k, v in metrics.items()})
+            due = [b for b, _ in benchmarks if b.run_every and step % b.run_every == 0 and step != steps]
+            if due:
+                names = {b.name for b in due}
+                results = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir,
+                                        tag=f".step{step}", only=lambda b: b.name in names)
+                for split in sorted({r.split for r in results.values()}):
+                    log(step, split, _eval_metrics({k: v for k, v in results.items() if v.split == split}))
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step != steps:
+                save(step)
+            bar.update(1, loss=round(float(metrics.get("loss", float("nan"))), 4))
+    if last < steps:
+        if logger is not None:
+            logger.close()
+        return RunResult(run_dir=run_dir, steps=last, scores_before=scores_before)
+
+    scores_after = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag="")
+    for split in sorted({r.split for r in scores_after.values()}):
+        log(steps, split, _eval_metrics({k: v for k, v in scores_after.items() if v.split == split}))
+    save(steps)
+    if logger is not None:
+        logger.close()
+    if is_main_process:
+        if config.logging.plot:
+            plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+        write_summary(run_dir / "summary.md", title=f"{config.algorithm.upper()} run {config.run_name}",
+                      config=config_to_dict(config), scores_before=scores_before, scores_after=scores_after,
+                      notes=list(notes))
+    return RunResult(run_dir=run_dir, steps=steps, scores_before=scores_before, scores_after=scores_after)

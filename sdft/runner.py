@@ -1,0 +1,115 @@
+"""From a Config to a finished run: load model, data and benchmarks, build the backend, run the loop.
+
+Under `accelerate launch --num_processes P` each process takes its share of every batch, gradients are
+averaged across processes before each optimizer step, and only the main process writes metrics,
+predictions, checkpoints and the summary.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdft.batches import encode_examples, shard, total_steps
+from sdft.build import build_benchmarks, build_local_backend, load_run_data
+from sdft.config import Config
+from sdft.loop import RunResult, run_training, sdft_step_fn
+from sdft.sft import sft_step_fn
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_distributed() -> Distributed:
+    """Rank and world size from accelerate when launched with it, else a single process."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return Distributed()
+    state = PartialState()
+    return Distributed(rank=state.process_index, world_size=state.num_processes, device=state.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _reject_unsupported_backend(config: Config) -> None:
+    if config.backend.kind != "local":
+        raise ValueError(f"backend.kind={config.backend.kind!r}: this version of sdft runs the loop on the local "
+                         "backend only; allowed: 'local'")
+
+
+def validate_run(config: Config) -> list[str]:
+    """Check a config offline without training: the model and tokenizer load (chat template present), the
+    data loads, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
+    from sdft.models import load_model_and_tokenizer, resolve_model_path
+
+    _reject_unsupported_backend(config)
+    lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, loss {config.loss.targets})"]
+    model_path = resolve_model_path(config.model.name, cache_dir=config.model.cache_dir)
+    _, tokenizer = load_model_and_tokenizer(model_path, cache_dir=config.model.cache_dir)
+    lines.append(f"model: ok ({config.model.name} -> {model_path}, vocabulary {len(tokenizer)})")
+    data = load_run_data(config)
+    encode_examples(tokenizer, data.train[:4], template=config.teacher.template,
+                    max_prompt_tokens=config.data.max_prompt_tokens)
+    lines += [f"data: ok ({note})" for note in data.notes]
+    for benchmark, max_items in build_benchmarks(config, data.heldout):
+        lines.append(f"benchmark {benchmark.name}: ok ({len(benchmark.items)} items"
+                     + (f", first {max_items} used" if max_items else "") + ")")
+    return lines
+
+
+def _gradient_averager(world_size: int):
+    if world_size == 1:
+        return None
+
+    def average(params):
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+    return average
+
+
+def train_from_config(config: Config, *, dist: Distributed | None = None, stop_after: int | None = None) -> RunResult:
+    """Run the whole job described by `config` (see `sdft.loop.run_training`)."""
+    from sdft.models import load_model_and_tokenizer
+
+    _reject_unsupported_backend(config)
+    dist = dist or Distributed()
+    seed_everything(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+    data = load_run_data(config)
+    train = encode_examples(tokenizer, data.train, template=config.teacher.template,
+                            max_prompt_tokens=config.data.max_prompt_tokens)
+    benchmarks = build_benchmarks(config, data.heldout)
+    steps = total_steps(len(train), config.optim.batch_size, config.optim.epochs, config.optim.max_steps)
+    backend = build_local_backend(config, model, tokenizer, steps=steps, device=dist.device,
+                                  grad_sync=_gradient_averager(dist.world_size), rank=dist.rank)
+    step_fn = sdft_step_fn(config) if config.algorithm == "sdft" else sft_step_fn(config)
+    if dist.world_size > 1:
+        inner = step_fn
+
+        def step_fn(backend, batch, step):  # noqa: F811 - each process handles its share of the batch
+            return inner(backend, shard(batch, dist.rank, dist.world_size), step)
+    notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
+                                + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
+    run_dir = Path(config.output_dir) / config.run_name
+    return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks, steps=steps,
+                        step_fn=step_fn, run_dir=run_dir, notes=notes, is_main_process=dist.is_main,
+                        stop_after=stop_after)

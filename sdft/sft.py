@@ -1,0 +1,18 @@
+"""The SFT baseline: cross-entropy on the demonstration (student prompt -> demonstration + EOS), run by the
+same shell as SDFT (`sdft.loop.run_training`): same data, batches, evaluation, logging and checkpoints."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from sdft.batches import EncodedExample
+from sdft.config import Config
+from sdft.loop import StepFn
+
+
+def sft_step_fn(config: Config) -> StepFn:
+    micro = config.optim.micro_batch_size
+
+    def step_fn(backend, batch: Sequence[EncodedExample], step: int) -> dict:
+        return dict(backend.sft_step([b.student_ids for b in batch], [b.target_ids for b in batch],
+                                     micro_batch_size=micro))
+    return step_fn
