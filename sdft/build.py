@@ -93,7 +93,6 @@ def build_local_backend(config: Config, model, tokenizer, *, steps: int, device=
     `rank` offsets the sampling seed so that processes draw different samples."""
     from sdft.backends.local import LocalBackend
 
-    extra = {"grad_sync": grad_sync} if grad_sync is not None else {}
 
     student, teacher, optim = config.student, config.teacher, config.optim
     return LocalBackend(
@@ -105,5 +104,5 @@ def build_local_backend(config: Config, model, tokenizer, *, steps: int, device=
         schedule=optim.schedule, total_steps=steps, warmup_ratio=optim.warmup_ratio,
         max_grad_norm=optim.max_grad_norm, gradient_checkpointing=config.model.gradient_checkpointing,
         dtype=config.model.dtype, device=device, seed=config.seed + 1000003 * rank,
-        generation_batch_size=config.generation.batch_size, **extra,
+        generation_batch_size=config.generation.batch_size, grad_sync=grad_sync,
     )

@@ -126,7 +126,7 @@ class LossConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    lr: float = _field(2e-5, ge=0)
+    lr: float = _field(2e-5, gt=0)
     weight_decay: float = _field(0.0, ge=0)
     beta1: float = _field(0.9, ge=0, lt=1)
     beta2: float = _field(0.999, ge=0, lt=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,8 @@ class LocalBackend:
     `student_mode="lora"`, wrapped in place by peft (adapter B initialized to zero, so the student starts
     equal to the base model). Teacher modes are described in `sdft.teacher`.
     `forward_batch_size` bounds the sequences per teacher forward; `generation_batch_size` bounds the
-    prompts per decoding batch (None: all at once).
+    prompts per decoding batch (None: all at once). `grad_sync`, when given, is called with the trainable
+    parameters after the last backward of a step and before clipping (a data-parallel gradient average).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student_mode: str = "lora", lora_rank: int = 16,
@@ -50,7 +51,8 @@ class LocalBackend:
                  gradient_checkpointing: bool = False, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, seed: int = 0,
                  forward_batch_size: int = 8, generation_batch_size: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None,
+                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None):
         if student_mode not in STUDENT_MODES:
             raise ValueError(f"student_mode must be one of {', '.join(STUDENT_MODES)}; got {student_mode!r}")
         if teacher_mode not in TEACHER_MODES:
@@ -67,6 +69,7 @@ class LocalBackend:
         self.tokenizer = tokenizer
         self.student_mode = student_mode
         self.max_grad_norm = max_grad_norm
+        self.grad_sync = grad_sync
         self.forward_batch_size = forward_batch_size
         self.generation_batch_size = generation_batch_size
         self.eos_token_ids = _eos_ids(model, tokenizer, eos_token_ids)
@@ -421,6 +424,8 @@ class LocalBackend:
         """Clip the gradient norm (to max_grad_norm when set), step optimizer and schedule, zero grads.
         Returns (the gradient norm before clipping, the lr used)."""
         params = list(self._trainable().values())
+        if self.grad_sync is not None:
+            self.grad_sync(params)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.lr
