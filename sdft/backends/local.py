@@ -283,7 +283,8 @@ class LocalBackend:
         Metrics: loss (the objective), kl (mean over loss tokens of the per-token term: the divergence,
         the top-K cross-entropy, or for "sampled" log p_student - log p_teacher of the sampled token),
         teacher_entropy / student_entropy (means over loss tokens), completion_len (mean), loss_tokens,
-        tokens_per_s (student prompt + completion tokens per second), step_time_s, lr (used by this
+        tokens_per_s (student prompt + completion tokens per second), step_time_s, optimizer_time_s
+        (clip + optimizer + schedule, part of step_time_s), lr (used by this
         step), grad_norm (before clipping), is_weight_mean (mean per-sequence truncated IS weight; a
         diagnostic of sampler/trainer mismatch, applied only when is_clip is set).
         """
@@ -372,7 +373,9 @@ class LocalBackend:
                     teacher_entropy = torch.cat([targets.teacher_entropy[i] for i in idx]).to(self.device)
                     sums["teacher_entropy"] += float((teacher_entropy.float() * mask).sum())
 
+        optimizer_start = time.perf_counter()
         grad_norm, lr = self._optimizer_step()
+        optimizer_time = time.perf_counter() - optimizer_start
         elapsed = time.perf_counter() - start_time
         denominator = max(total_counted, 1)
         return {
@@ -383,6 +386,7 @@ class LocalBackend:
             "student_entropy": sums["student_entropy"] / denominator,
             "completion_len": sum(len(r.completion_ids) for r in rollouts) / n,
             "loss_tokens": float(total_counted),
+            "optimizer_time_s": optimizer_time,
             "tokens_per_s": tokens_in / elapsed,
             "step_time_s": elapsed,
             "lr": lr,
