@@ -43,19 +43,27 @@ def _loader_options(config: Config) -> dict:
 def load_run_data(config: Config) -> RunData:
     """Load data.path with the loader of data.kind, optionally cap and split it."""
     data = config.data
-    path = resolve_path(data.path)
+    path, split, notes = resolve_path(data.path), data.split, []
+    if not path.exists() and data.fallback_path is not None:
+        fallback = resolve_path(data.fallback_path)
+        if not fallback.exists():
+            raise FileNotFoundError(f"data.path={data.path!r} does not exist and neither does "
+                                    f"data.fallback_path={data.fallback_path!r}")
+        notes.append(f"data.path {data.path} is absent: training on data.fallback_path {data.fallback_path} "
+                     f"instead, split by {data.fallback_split!r}")
+        path, split = fallback, data.fallback_split
     examples = load_examples(data.kind, path, **_loader_options(config))
     if not examples:
         raise ValueError(f"data.path={data.path!r}: the dataset is empty")
-    notes = [f"data: {len(examples)} examples of kind {data.kind!r} from {data.path}"]
-    if data.split == "none":
+    notes.append(f"data: {len(examples)} examples of kind {data.kind!r} from {path}")
+    if split == "none":
         train, heldout = examples, []
     else:
-        train, heldout = split_examples(examples, by=data.split, test_fraction=data.test_fraction,
+        train, heldout = split_examples(examples, by=split, test_fraction=data.test_fraction,
                                         seed=data.split_seed)
-        notes.append(f"split by {data.split!r} (test_fraction={data.test_fraction}, seed={data.split_seed}): "
+        notes.append(f"split by {split!r} (test_fraction={data.test_fraction}, seed={data.split_seed}): "
                      f"{len(train)} train / {len(heldout)} held out")
-        if data.split == "api":
+        if split == "api":
             held_apis = sorted({e.id.rsplit('/', 1)[0] for e in heldout})
             notes.append(f"held-out APIs (never seen in training): {', '.join(held_apis)}")
     if data.max_examples is not None and len(train) > data.max_examples:
@@ -72,10 +80,12 @@ def build_benchmarks(config: Config, heldout: list[PromptExample]) -> list[tuple
         if bench.kind == "tasks":
             benchmark = load_task_benchmark(resolve_path(bench.path), name=bench.name, **common)
         else:
-            if bench.kind == "heldout":
+            if bench.kind == "heldout" and heldout:
                 examples = heldout
-                if not examples:
-                    raise ValueError(f"eval.benchmarks {bench.name!r}: kind 'heldout' needs data.split != 'none'")
+            elif bench.kind == "heldout" and not bench.path:
+                raise ValueError(f"eval.benchmarks {bench.name!r}: kind 'heldout' needs a data split or a path")
+            elif bench.kind == "heldout":
+                examples = load_examples(config.data.kind, resolve_path(bench.path), **_loader_options(config))
             else:
                 options = {"thinking_format": config.data.thinking_format} if bench.kind == "science" else {}
                 if bench.kind == "jsonl":

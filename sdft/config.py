@@ -163,12 +163,16 @@ class DataConfig(_Section):
     question_field: str = "question"
     answer_field: str = "answer"
     max_examples: Optional[int] = _field(None, ge=1)
+    # used instead of `path` when `path` does not exist (e.g. the official train folder is not downloaded):
+    fallback_path: Optional[str] = None
+    fallback_split: Literal["none", "random", "api"] = "none"  # replaces `split` when the fallback is used
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig(_Section):
     name: str = _field("", check=_check_run_name)
-    kind: Literal["tasks", "tooluse", "science", "jsonl", "heldout"] = "tasks"  # heldout: data.split's test split
+    # heldout: the test split made by data.split (or data.fallback_split); without a split, `path` loaded like data
+    kind: Literal["tasks", "tooluse", "science", "jsonl", "heldout"] = "tasks"
     path: Optional[str] = None
     run_every: Optional[int] = _field(None, ge=1)  # null: once after training
     split: str = "val"
@@ -625,8 +629,10 @@ def validate_config(config: Config) -> None:
         if benchmark.name in names[:index]:
             fail(f"{key}.name={benchmark.name!r} is used by more than one benchmark; names must be unique")
         if benchmark.kind == "heldout":
-            if data.split == "none":
-                fail(f"{key}.kind=heldout evaluates the test split made by data.split, but data.split=none; "
-                     "allowed: data.split=random or data.split=api")
+            splits = data.split != "none" or (data.fallback_path is not None and data.fallback_split != "none")
+            if not splits and not benchmark.path:
+                fail(f"{key}.kind=heldout evaluates the test split made by data.split, but data.split=none and "
+                     f"{key}.path is not set; allowed: data.split=random or data.split=api, or a path to evaluate "
+                     "when no split is made")
         elif not benchmark.path:
             fail(f"{key}.path is required for {key}.kind={benchmark.kind} (only kind=heldout needs no path)")
