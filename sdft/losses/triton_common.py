@@ -7,14 +7,14 @@ Conventions used by every kernel in `triton_kl` and `triton_topk`:
   columns past V (and rows past N) are masked; running maxima start at NEG, a finite stand-in for -inf,
   so that exp(m_old - m_new) never evaluates -inf - (-inf);
   a partial softmax statistic is (m, l) with l = sum exp(z - m); partials over vocabulary splits are merged
-  on the host side in torch (`merge_lse`).
+  on the host side in torch (`merge_softmax`), and log-probabilities are formed as (a - shift) - log_sum.
 CPU tensors can only run under the Triton interpreter, whose dot product does not handle bf16/fp16: there
 the operands are widened to fp32 before the dot (exact, the products of bf16 values are exact in fp32).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,6 +25,10 @@ NEG = -1.0e30
 """Finite stand-in for -inf in running maxima and masked logits (kernels and host code)."""
 
 INT64_MIN = -(2**63)
+
+NEG_C = tl.constexpr(NEG)
+INT64_MIN_C = tl.constexpr(INT64_MIN)
+"""The same two constants for use inside jit functions (globals there must be constexpr)."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,6 @@ def default_tiles(device: torch.device) -> TileConfig:
     return CUDA_TILES if device.type == "cuda" else INTERPRETER_TILES
 
 
-def with_block_v(cfg: TileConfig, block_v: int) -> TileConfig:
-    return cfg if block_v == cfg.block_v else replace(cfg, block_v=block_v)
-
-
 def vocab_splits(cfg: TileConfig, n_row_blocks: int, n_col_tiles: int, device: torch.device) -> tuple[int, int]:
     """(splits, tiles per split) so that row blocks x splits reaches the target program count."""
     if cfg.programs is not None:
@@ -96,16 +96,17 @@ def dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "WIDEN": device.type != "cuda"}
 
 
-def merge_lse(m: torch.Tensor, l: torch.Tensor):
-    """Merge partial (max, sum-exp) pairs [S, N] over splits: returns (M [N], weights [S, N], lse [N]).
+def merge_softmax(m: torch.Tensor, l: torch.Tensor):
+    """Merge partial (max, sum-exp) pairs [S, N] over vocabulary splits.
 
-    lse = M + log(sum_s l_s exp(m_s - M)); -inf where every l_s is 0. weights = exp(m_s - M) rescale any
-    other partial sum accumulated against the running max m_s.
+    Returns (shift [N], log_sum [N], weights [S, N]) with lse = shift + log_sum, shift = max_s m_s and
+    log_sum = log(sum_s l_s exp(m_s - shift)) (-inf where every l_s is 0); weights = exp(m_s - shift)
+    rescale any other partial sum accumulated against m_s. Kernels use log p = (a - shift) - log_sum, which
+    stays exact near the maximum even when |a| is large (a - shift is computed without rounding there).
     """
-    big = m.max(dim=0).values
-    w = torch.exp(m - big)
-    total = (l * w).sum(dim=0)
-    return big, w, big + torch.log(total)
+    shift = m.max(dim=0).values
+    w = torch.exp(m - shift)
+    return shift, torch.log((l * w).sum(dim=0)), w
 
 
 def next_pow2(x: int) -> int:

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    NEG, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles, dot_flags,
-    grouped_tile, logit_tile, matmul_fp32, merge_lse, vocab_splits,
+    NEG_C, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles, dot_flags,
+    grouped_tile, logit_tile, matmul_fp32, merge_softmax, vocab_splits,
 )
 
 KINDS = ("forward", "reverse", "jsd")
@@ -51,8 +51,8 @@ def _kl_stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, part_ptr,
     e_t = exp(b - m_t) for KIND 0, sum e_s (a - b) for KIND 1, unused for KIND 2."""
     row_block, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_s = tl.full((BLOCK_N,), NEG, tl.float32)
-    m_t = tl.full((BLOCK_N,), NEG, tl.float32)
+    m_s = tl.full((BLOCK_N,), NEG_C, tl.float32)
+    m_t = tl.full((BLOCK_N,), NEG_C, tl.float32)
     l_s = tl.zeros((BLOCK_N,), tl.float32)
     l_t = tl.zeros((BLOCK_N,), tl.float32)
     x = tl.zeros((BLOCK_N,), tl.float32)
@@ -65,8 +65,8 @@ def _kl_stats_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, part_ptr,
                        temperature, HAS_SB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_S, WIDEN)
         b = logit_tile(ht_ptr, wt_ptr, bt_ptr, offs_n, offs_v, N, V, HT, s_ht_n, s_ht_h, s_wt_v, s_wt_h,
                        temperature, HAS_TB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_T, WIDEN)
-        a = tl.where(col_ok, a, NEG)
-        b = tl.where(col_ok, b, NEG)
+        a = tl.where(col_ok, a, NEG_C)
+        b = tl.where(col_ok, b, NEG_C)
         new_s = tl.maximum(m_s, tl.max(a, axis=1))
         new_t = tl.maximum(m_t, tl.max(b, axis=1))
         alpha_s = tl.exp(m_s - new_s)
@@ -101,7 +101,7 @@ def _log_mixture(log_ps, log_pt, log_1mb, log_b):
 
 
 @triton.jit
-def _jsd_loss_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
+def _jsd_loss_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, norm_ptr, part_ptr,
                      N, V, HS, HT, s_hs_n, s_hs_h, s_ws_v, s_ws_h, s_ht_n, s_ht_h, s_wt_v, s_wt_h,
                      temperature, log_1mb, log_b, n_splits, tiles_per_split,
                      HAS_SB: tl.constexpr, HAS_TB: tl.constexpr,
@@ -111,8 +111,10 @@ def _jsd_loss_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, 
     row_block, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
-    lse_s = tl.load(lse_s_ptr + offs_n, mask=row_ok, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs_n, mask=row_ok, other=0.0)
+    shift_s = tl.load(norm_ptr + offs_n, mask=row_ok, other=0.0)[:, None]
+    log_sum_s = tl.load(norm_ptr + N + offs_n, mask=row_ok, other=0.0)[:, None]
+    shift_t = tl.load(norm_ptr + 2 * N + offs_n, mask=row_ok, other=0.0)[:, None]
+    log_sum_t = tl.load(norm_ptr + 3 * N + offs_n, mask=row_ok, other=0.0)[:, None]
     kl_t = tl.zeros((BLOCK_N,), tl.float32)
     kl_s = tl.zeros((BLOCK_N,), tl.float32)
     first = split * tiles_per_split
@@ -124,8 +126,8 @@ def _jsd_loss_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, 
                        temperature, HAS_SB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_S, WIDEN)
         b = logit_tile(ht_ptr, wt_ptr, bt_ptr, offs_n, offs_v, N, V, HT, s_ht_n, s_ht_h, s_wt_v, s_wt_h,
                        temperature, HAS_TB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_T, WIDEN)
-        log_ps = a - lse_s[:, None]
-        log_pt = b - lse_t[:, None]
+        log_ps = (a - shift_s) - log_sum_s
+        log_pt = (b - shift_t) - log_sum_t
         log_m = _log_mixture(log_ps, log_pt, log_1mb, log_b)
         kl_t += tl.sum(tl.where(col_ok, tl.exp(log_pt) * (log_pt - log_m), 0.0), axis=1)
         kl_s += tl.sum(tl.where(col_ok, tl.exp(log_ps) * (log_ps - log_m), 0.0), axis=1)
@@ -135,8 +137,8 @@ def _jsd_loss_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, 
 
 
 @triton.jit
-def _kl_grad_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, c_ptr, scale_ptr,
-                    dz_ptr, db_ptr, row0, n_rows, V, HS, HT,
+def _kl_grad_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, norm_ptr, c_ptr, scale_ptr,
+                    dz_ptr, db_ptr, N, row0, n_rows, V, HS, HT,
                     s_hs_n, s_hs_h, s_ws_v, s_ws_h, s_ht_n, s_ht_h, s_wt_v, s_wt_h, s_dz_n,
                     temperature, one_m_beta, log_1mb, log_b,
                     KIND: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -151,24 +153,26 @@ def _kl_grad_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, l
     n_end = row0 + n_rows
     offs_v = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = offs_v < V
-    lse_s = tl.load(lse_s_ptr + offs_n, mask=local_ok, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=local_ok, other=0.0)
+    shift_s = tl.load(norm_ptr + offs_n, mask=local_ok, other=0.0)[:, None]
+    log_sum_s = tl.load(norm_ptr + N + offs_n, mask=local_ok, other=0.0)[:, None]
     a = logit_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, n_end, V, HS, s_hs_n, s_hs_h, s_ws_v, s_ws_h,
                    temperature, HAS_SB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_S, WIDEN)
     b = logit_tile(ht_ptr, wt_ptr, bt_ptr, offs_n, offs_v, n_end, V, HT, s_ht_n, s_ht_h, s_wt_v, s_wt_h,
                    temperature, HAS_TB, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION_T, WIDEN)
-    log_ps = a - lse_s[:, None]
+    log_ps = (a - shift_s) - log_sum_s
     p_s = tl.exp(log_ps)
+    if KIND != 1:
+        shift_t = tl.load(norm_ptr + 2 * N + offs_n, mask=local_ok, other=0.0)[:, None]
+        log_sum_t = tl.load(norm_ptr + 3 * N + offs_n, mask=local_ok, other=0.0)[:, None]
     if KIND == 0:
-        lse_t = tl.load(lse_t_ptr + offs_n, mask=local_ok, other=0.0)
-        g = p_s - tl.exp(b - lse_t[:, None])
+        g = p_s - tl.exp((b - shift_t) - log_sum_t)
     elif KIND == 1:
         mean_diff = tl.load(c_ptr + offs_n, mask=local_ok, other=0.0)
         g = p_s * ((a - b) - mean_diff[:, None])
     else:
-        lse_t = tl.load(lse_t_ptr + offs_n, mask=local_ok, other=0.0)
         kl_s = tl.load(c_ptr + offs_n, mask=local_ok, other=0.0)
-        log_m = _log_mixture(log_ps, b - lse_t[:, None], log_1mb, log_b)
+        log_m = _log_mixture(log_ps, (b - shift_t) - log_sum_t, log_1mb, log_b)
         g = one_m_beta * p_s * (log_ps - log_m - kl_s[:, None])
     keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
     g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
@@ -272,23 +276,24 @@ def triton_fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.T
     part = torch.empty(5, splits, n, dtype=torch.float32, device=device)
     _kl_stats_kernel[(n_row_blocks * splits,)](part_ptr=part, N=n, n_splits=splits, tiles_per_split=per_split,
                                                KIND=_KIND_CODE[kind], **common)
-    _, w_s, lse_s = merge_lse(part[0], part[1])
-    _, w_t, lse_t = merge_lse(part[2], part[3])
+    shift_s, log_sum_s, w_s = merge_softmax(part[0], part[1])
+    shift_t, log_sum_t, w_t = merge_softmax(part[2], part[3])
+    norm = torch.stack([shift_s, log_sum_s, shift_t, log_sum_t]).contiguous()
+    lse_gap = (shift_t - shift_s) + (log_sum_t - log_sum_s)  # lse_t - lse_s
     log_1mb = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
     log_b = math.log(beta) if 0.0 < beta < 1.0 else 0.0
     if kind == "forward":
         mean_diff = (part[4] * w_t).sum(0) / (part[3] * w_t).sum(0)  # E_pt[b - a]
-        per_token = mean_diff - (lse_t - lse_s)
-        row_const = lse_t  # unused by the forward gradient
+        per_token = mean_diff - lse_gap
+        row_const = lse_gap  # unused by the forward gradient
     elif kind == "reverse":
         mean_diff = (part[4] * w_s).sum(0) / (part[1] * w_s).sum(0)  # E_ps[a - b]
-        per_token = mean_diff - (lse_s - lse_t)
+        per_token = mean_diff + lse_gap
         row_const = mean_diff
     else:
         # pass 1b: the mixture terms need the final lse of both sides
-        lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
         kl_part = torch.empty(2, splits, n, dtype=torch.float32, device=device)
-        _jsd_loss_kernel[(n_row_blocks * splits,)](lse_s_ptr=lse_s, lse_t_ptr=lse_t, part_ptr=kl_part, N=n,
+        _jsd_loss_kernel[(n_row_blocks * splits,)](norm_ptr=norm, part_ptr=kl_part, N=n,
                                                    log_1mb=log_1mb, log_b=log_b, n_splits=splits,
                                                    tiles_per_split=per_split, **common)
         kl_t_m, kl_s_m = kl_part[0].sum(0), kl_part[1].sum(0)
@@ -298,8 +303,7 @@ def triton_fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.T
     loss = torch.where(keep, per_token, torch.zeros_like(per_token))
 
     # passes 2-4: dz per token chunk, then dh = dz W_s and dW += dz^T h_s
-    lse_s, lse_t, row_const = lse_s.contiguous(), lse_t.contiguous(), row_const.contiguous()
-    grad_args = dict(common, lse_s_ptr=lse_s, lse_t_ptr=lse_t, c_ptr=row_const, scale_ptr=scale,
+    grad_args = dict(common, norm_ptr=norm, c_ptr=row_const.contiguous(), scale_ptr=scale, N=n,
                      one_m_beta=1.0 - beta, log_1mb=log_1mb, log_b=log_b, KIND=_KIND_CODE[kind],
                      BIAS_GRAD=bs is not None)
 

@@ -1,12 +1,12 @@
 """Triton kernels for top-K: the teacher's top-K log-probs, and the student's top-K distillation loss.
 
 Top-K selection (`triton_fused_linear_topk`): each logit a = z / T is packed with its id into one int64
-key, (order-preserving int32 image of the float32 value) << 32 | (2^31 - 1 - id), so that a descending
-sort of keys orders by value and breaks ties by the lower id. A program keeps the best KP keys of its rows
-(KP = next power of two >= K) and merges every vocabulary tile into them: the tile's best KP (a sort, then
-a max over KP-wide column groups) and the running best are sorted together and cut to KP. Tiles holding no
-key above the running KP-th best are skipped. The online softmax runs alongside; per-split candidates are
-merged with torch.topk on the keys. One GEMM.
+key, (order-preserving int32 image of the float32 value) << 32 | (2^31 - 1 - id), so that comparing keys
+orders by value and breaks ties by the lower id. A program keeps an unsorted set of the best KP keys of
+each row (KP = next power of two >= K). Per vocabulary tile, only keys above the row's current minimum are
+candidates; they are inserted largest first, each replacing the minimum (no sort, and usually no work
+once the set is full). The online softmax runs alongside; the per-split sets are merged and sorted with
+torch.topk on the keys. One GEMM.
 
 Top-K distillation (`triton_fused_linear_topk_distill`), student log p = a - lse over the FULL vocabulary.
 Teacher buckets: "renormalize" w_k = softmax over the valid slots of the teacher log-probs; "tail" w_k =
@@ -21,6 +21,7 @@ tile) (1 GEMM), dh = dz W (1 GEMM), dW += dz^T h (1 GEMM, only when need_weight_
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -28,8 +29,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    INT64_MIN, NEG, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles, dot_flags,
-    grouped_tile, logit_tile, merge_lse, next_pow2, vocab_splits, with_block_v,
+    INT64_MIN_C, NEG_C, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles,
+    dot_flags, grouped_tile, logit_tile, merge_softmax, next_pow2, vocab_splits,
 )
 from .triton_kl import student_gradients
 
@@ -48,10 +49,20 @@ def _pack_keys(values, ids):
 
 
 @triton.jit
-def _top_columns(keys, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, KP: tl.constexpr):
-    """The KP largest keys of each row of keys [BLOCK_N, WIDTH], sorted descending."""
-    ordered = tl.sort(keys, dim=1, descending=True)
-    return tl.max(tl.reshape(ordered, (BLOCK_N, WIDTH // KP, KP)), axis=1)
+def _insert_candidates(best, keys):
+    """Merge keys [BLOCK_N, BLOCK_V] into the running best keys [BLOCK_N, KP] (unsorted, distinct).
+
+    Candidates are the keys above the row's current minimum; they are taken in descending order and each
+    replaces the minimum while it is larger. The loop runs as often as the busiest row needs (at most KP
+    times, usually 0-2 once the running best is full)."""
+    cand = tl.where(keys > tl.min(best, axis=1)[:, None], keys, INT64_MIN_C)
+    while tl.max(cand) > INT64_MIN_C:
+        top = tl.max(cand, axis=1)
+        low = tl.min(best, axis=1)
+        enter = top > low
+        best = tl.where((best == low[:, None]) & enter[:, None], top[:, None], best)
+        cand = tl.where((cand == top[:, None]) | (~enter)[:, None], INT64_MIN_C, cand)
+    return best
 
 
 @triton.jit
@@ -62,9 +73,10 @@ def _topk_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, cand_ptr, N, V, H, s_h_n, s_h_h
     """Per split: softmax partials [2, S, N] (m, l) and the best KP keys per row [N, S, KP]."""
     row_block, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.full((BLOCK_N,), NEG, tl.float32)
+    m = tl.full((BLOCK_N,), NEG_C, tl.float32)
     l = tl.zeros((BLOCK_N,), tl.float32)
-    best = tl.full((BLOCK_N, KP), INT64_MIN, tl.int64)
+    # distinct sentinels below every real key, so that 'the minimum' is always one slot
+    best = tl.full((BLOCK_N, KP), INT64_MIN_C, tl.int64) + tl.arange(0, KP)[None, :].to(tl.int64)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
     for tile in range(first, last):
@@ -72,16 +84,11 @@ def _topk_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, cand_ptr, N, V, H, s_h_n, s_h_h
         col_ok = (offs_v < V)[None, :]
         a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
                        temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
-        a = tl.where(col_ok, a, NEG)
+        a = tl.where(col_ok, a, NEG_C)
         new_m = tl.maximum(m, tl.max(a, axis=1))
         l = l * tl.exp(m - new_m) + tl.sum(tl.where(col_ok, tl.exp(a - new_m[:, None]), 0.0), axis=1)
         m = new_m
-        keys = tl.where(col_ok, _pack_keys(a, offs_v[None, :]), INT64_MIN)
-        threshold = tl.min(best, axis=1)
-        if tl.max(tl.where(keys > threshold[:, None], 1, 0)) > 0:
-            tile_best = _top_columns(keys, BLOCK_N, BLOCK_V, KP)
-            both = tl.reshape(tl.join(best, tile_best), (BLOCK_N, 2 * KP))
-            best = _top_columns(both, BLOCK_N, 2 * KP, KP)
+        best = _insert_candidates(best, tl.where(col_ok, _pack_keys(a, offs_v[None, :]), INT64_MIN_C))
     row_ok = offs_n < N
     tl.store(stats_ptr + split * N + offs_n, m, mask=row_ok)
     tl.store(stats_ptr + (n_splits + split) * N + offs_n, l, mask=row_ok)
@@ -103,11 +110,9 @@ def _check_k(k, v: int) -> int:
 
 
 def _topk_tiles(cfg: TileConfig, kp: int) -> TileConfig:
-    cfg = with_block_v(cfg, max(cfg.block_v, kp))
-    if kp >= 128 and cfg.block_n > 32:  # keep the running [block_n, KP] int64 keys in registers
-        from dataclasses import replace
-        cfg = replace(cfg, block_n=32 if kp <= 256 else 16)
-    return cfg
+    """Smaller row blocks for large K, so that the running [block_n, KP] int64 keys stay in registers."""
+    limit = 32 if kp <= 256 else 16
+    return replace(cfg, block_n=limit) if kp >= 128 and cfg.block_n > limit else cfg
 
 
 @torch.no_grad()
@@ -137,10 +142,10 @@ def triton_fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int,
         HAS_BIAS=b is not None, KP=kp, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         GROUP=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    _, _, lse = merge_lse(stats[0], stats[1])
+    shift, log_sum, _ = merge_softmax(stats[0], stats[1])
     keys = torch.topk(cand.view(n, splits * kp), k, dim=1, sorted=True).values
     ids, values = _unpack_keys(keys)
-    return ids, values - lse[:, None]
+    return ids, (values - shift[:, None]) - log_sum[:, None]
 
 
 @triton.jit
@@ -155,9 +160,9 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
     id_rows = ids_ptr + offs_n.to(tl.int64) * K
-    m = tl.full((BLOCK_N,), NEG, tl.float32)
+    m = tl.full((BLOCK_N,), NEG_C, tl.float32)
     l = tl.zeros((BLOCK_N,), tl.float32)
-    m_tail = tl.full((BLOCK_N,), NEG, tl.float32)
+    m_tail = tl.full((BLOCK_N,), NEG_C, tl.float32)
     l_tail = tl.zeros((BLOCK_N,), tl.float32)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
@@ -167,7 +172,7 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
         col_ok = (offs_v < V)[None, :]
         a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
                        temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
-        a = tl.where(col_ok, a, NEG)
+        a = tl.where(col_ok, a, NEG_C)
         new_m = tl.maximum(m, tl.max(a, axis=1))
         l = l * tl.exp(m - new_m) + tl.sum(tl.where(col_ok, tl.exp(a - new_m[:, None]), 0.0), axis=1)
         m = new_m
@@ -183,7 +188,7 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
                     member = tl.where(hit, 1, member)
         if TAIL:
             rest = col_ok & (member == 0)
-            a_rest = tl.where(rest, a, NEG)
+            a_rest = tl.where(rest, a, NEG_C)
             new_mt = tl.maximum(m_tail, tl.max(a_rest, axis=1))
             l_tail = l_tail * tl.exp(m_tail - new_mt) + tl.sum(tl.where(rest, tl.exp(a_rest - new_mt[:, None]), 0.0),
                                                                axis=1)
@@ -197,8 +202,8 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
 
 
 @triton.jit
-def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, lse_tail_ptr, total_ptr, tail_w_ptr,
-                         scale_ptr, dz_ptr, db_ptr, row0, n_rows, V, H, K, s_h_n, s_h_h, s_w_v, s_w_h, s_dz_n,
+def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, norm_ptr, total_ptr, tail_w_ptr,
+                         scale_ptr, dz_ptr, db_ptr, N, row0, n_rows, V, H, K, s_h_n, s_h_h, s_w_v, s_w_h, s_dz_n,
                          temperature,
                          TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
@@ -214,10 +219,11 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, lse_
     col_ok = offs_v < V
     a = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, row0 + n_rows, V, H, s_h_n, s_h_h, s_w_v, s_w_h,
                    temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, WIDEN)
-    lse = tl.load(lse_ptr + offs_n, mask=local_ok, other=0.0)
+    shift = tl.load(norm_ptr + offs_n, mask=local_ok, other=0.0)[:, None]
+    log_sum = tl.load(norm_ptr + N + offs_n, mask=local_ok, other=0.0)[:, None]
     total = tl.load(total_ptr + offs_n, mask=local_ok, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=local_ok, other=0.0)
-    g = total[:, None] * tl.exp(a - lse[:, None])
+    g = total[:, None] * tl.exp((a - shift) - log_sum)
     member = tl.zeros((BLOCK_N, BLOCK_V), tl.int32)
     id_rows = ids_ptr + offs_n.to(tl.int64) * K
     for k in range(0, K):
@@ -230,10 +236,11 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, lse_ptr, lse_
             if TAIL:
                 member = tl.where(hit, 1, member)
     if TAIL:
-        lse_tail = tl.load(lse_tail_ptr + offs_n, mask=local_ok, other=0.0)
+        shift_tail = tl.load(norm_ptr + 2 * N + offs_n, mask=local_ok, other=0.0)[:, None]
+        log_sum_tail = tl.load(norm_ptr + 3 * N + offs_n, mask=local_ok, other=0.0)[:, None]
         tail_w = tl.load(tail_w_ptr + offs_n, mask=local_ok, other=0.0)
         rest = (member == 0) & (tail_w != 0.0)[:, None]
-        g = g - tl.where(rest, tail_w[:, None] * tl.exp(a - lse_tail[:, None]), 0.0)
+        g = g - tl.where(rest, tail_w[:, None] * tl.exp((a - shift_tail) - log_sum_tail), 0.0)
     keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
     g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
     tl.store(dz_ptr + local.to(tl.int64)[:, None] * s_dz_n + offs_v[None, :], g.to(dz_ptr.dtype.element_ty),
@@ -315,24 +322,25 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
     picked = torch.zeros(n, k, dtype=torch.float32, device=device)
     _distill_stats_kernel[(n_row_blocks * splits,)](stats_ptr=stats, picked_ptr=picked, N=n, n_splits=splits,
                                                     tiles_per_split=per_split, **common)
-    _, _, lse = merge_lse(stats[0], stats[1])
-    student_lp = picked - lse[:, None]
+    shift, log_sum, _ = merge_softmax(stats[0], stats[1])
+    student_lp = (picked - shift[:, None]) - log_sum[:, None]
     loss = -(slot_w * torch.where(valid, student_lp, torch.zeros_like(student_lp))).sum(dim=1)
     if kind == "forward_kl":
         loss = loss + _xlogx(slot_w).sum(dim=1)
     if tail:
-        _, _, lse_tail = merge_lse(stats[2], stats[3])
+        shift_tail, log_sum_tail, _ = merge_softmax(stats[2], stats[3])
         has_tail = tail_w > 0
-        tail_lp = torch.where(has_tail, lse_tail - lse, torch.zeros_like(lse))
+        tail_lp = torch.where(has_tail, (shift_tail - shift) + (log_sum_tail - log_sum), torch.zeros_like(shift))
         loss = loss - tail_w * tail_lp
         if kind == "forward_kl":
             loss = loss + _xlogx(tail_w)
     else:
-        lse_tail = lse
+        shift_tail, log_sum_tail = shift, log_sum
     loss = torch.where(row_scale != 0, loss, torch.zeros_like(loss))
 
-    grad_args = dict(common, slot_w_ptr=slot_w.contiguous(), lse_ptr=lse.contiguous(),
-                     lse_tail_ptr=lse_tail.contiguous(), total_ptr=(slot_w.sum(dim=1) + tail_w).contiguous(),
+    norm = torch.stack([shift, log_sum, shift_tail, log_sum_tail]).contiguous()
+    grad_args = dict(common, slot_w_ptr=slot_w.contiguous(), norm_ptr=norm, N=n,
+                     total_ptr=(slot_w.sum(dim=1) + tail_w).contiguous(),
                      tail_w_ptr=tail_w.contiguous(), scale_ptr=row_scale, BIAS_GRAD=bs is not None)
 
     def launch(grid, dz, db, row0, rows, **kw):
