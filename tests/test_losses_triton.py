@@ -241,6 +241,16 @@ def check_kl_bf16_beats_naive():
             assert e_mine <= 1e-2, f"{kind} {name}: triton error {e_mine:.3g} vs float64 truth"
 
 
+def check_kl_fp16():
+    """fp16 inputs (fp16 tensor-core logits, fp32 dz staging): close to the float64 truth."""
+    from sdft.losses.triton_kl import triton_fused_linear_kl
+    hs, ws, ht, wt, bs, bt, c = _problem(n=21, h=24, ht=16, v=97, seed=17, dtype=torch.float16)
+    for kind, beta in (("forward", 0.5), ("jsd", 0.25)):
+        out = triton_fused_linear_kl(hs, ws, ht, wt, kind=kind, beta=beta, temperature=0.8, token_scale=c,
+                                     student_bias=bs, teacher_bias=bt, need_weight_grad=True)
+        _check_against(out, _kl_truth(hs, ws, ht, wt, bs, bt, c, kind, beta, 0.8), 1e-4)
+
+
 def check_kl_matches_chunked_path():
     """Same reduced loss and gradients as sdft.losses.fused_linear_kl(impl="chunked") with token_mean."""
     import sdft.losses as L
@@ -319,12 +329,14 @@ def _distill_inputs(n=27, h=17, v=143, k=9, seed=10, dtype=torch.float32):
     ids[1, :] = v + 3          # a row with no valid id
     ids[2, 4] = v
     ids[3, 0] = -7
+    ids[4, 1] = ids[4, 3]      # a repeated id
     c[1] = 1.0                 # the invalid row is not masked
+    c[4] = 1.0
     return hs, ws, bs, ids, lps, c
 
 
 def check_topk_distill_all_modes():
-    """renormalize / tail x cross_entropy / forward_kl, T != 1, bias, invalid ids, masked tokens."""
+    """renormalize / tail x cross_entropy / forward_kl, T != 1, bias, invalid and repeated ids, masks."""
     from sdft.losses.triton_topk import triton_fused_linear_topk_distill
     hs, ws, bs, ids, lps, c = _distill_inputs()
     for normalize in ("renormalize", "tail"):
@@ -396,7 +408,8 @@ def check_bad_arguments():
     from sdft.losses.triton_topk import triton_fused_linear_topk, triton_fused_linear_topk_distill
     hs, ws, ht, wt, _, _, c = _problem(n=5, v=20)
     cases = [
-        (lambda: triton_fused_linear_kl(hs, ws, ht, wt, kind="sideways", token_scale=c, need_weight_grad=False), "kind"),
+        (lambda: triton_fused_linear_kl(hs, ws, ht, wt, kind="sideways", token_scale=c, need_weight_grad=False),
+         "kind"),
         (lambda: triton_fused_linear_kl(hs, ws, ht, wt, beta=1.5, token_scale=c, need_weight_grad=False), "beta"),
         (lambda: triton_fused_linear_kl(hs, ws, ht, wt, temperature=0, token_scale=c, need_weight_grad=False),
          "temperature"),
@@ -426,8 +439,9 @@ CHECKS = sorted(name for name in globals() if name.startswith("check_"))
 # the sm_90 compile check (run in a subprocess without the interpreter)
 # ----------------------------------------------------------------------------------------------------
 
-def _compile_all() -> dict:
-    """Compile every kernel for sm_90 at realistic specialization; report registers / spills per kernel."""
+def _compile_all(overrides: dict | None = None) -> dict:
+    """Compile every kernel for sm_90 at realistic specialization (the CUDA tile configuration, with
+    `overrides`); report registers, spilled bytes, shared memory and wgmma use per kernel."""
     import re
     import tempfile
 
@@ -440,7 +454,8 @@ def _compile_all() -> dict:
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not (bindir / "ptxas").exists():
         return {"_skip": f"no ptxas in {bindir}"}
-    cfg = C.CUDA_TILES
+    from dataclasses import replace
+    cfg = replace(C.CUDA_TILES, **(overrides or {}))
     n, h, v = 8192, 4096, 151936
 
     def build(fn, args, consts, num_warps, num_stages):
@@ -469,9 +484,10 @@ def _compile_all() -> dict:
             f.write(out.asm["cubin"])
         usage = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
-        match = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage, re.S)
+        match = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)  # spilled registers live on the stack
         ptx = out.asm["ptx"]
-        return {"registers": int(match.group(1)) if match else None, "spill_bytes": int(match.group(2)) if match else None,
+        return {"registers": int(match.group(1)) if match else None,
+                "spill_bytes": int(match.group(2)) if match else None,
                 "shared": out.metadata.shared, "wgmma": ptx.count("wgmma.mma_async") > 0}
 
     fp = "*fp32"
@@ -514,10 +530,11 @@ def _compile_all() -> dict:
     return results
 
 
-def _run_script(mode: str, out_path: str) -> None:
+def _run_script(mode: str, out_path: str, overrides: str | None = None) -> None:
+    """`interpret OUT.json` or `compile OUT.json ['{"block_n": 64}']` (tile overrides for tuning)."""
     if mode == "compile":
         try:
-            results = _compile_all()
+            results = _compile_all(json.loads(overrides) if overrides else None)
         except ImportError as e:  # internal compiler API of another triton version
             results = {"_skip": f"triton compile API unavailable: {e}"}
         Path(out_path).write_text(json.dumps(results))
@@ -619,4 +636,4 @@ def test_cuda_realistic_shape_matches_chunked():
 
 
 if __name__ == "__main__":
-    _run_script(sys.argv[1], sys.argv[2])
+    _run_script(*sys.argv[1:4])

@@ -1,10 +1,11 @@
 """Triton kernels for the full-vocabulary fused-linear divergences (forward KL, reverse KL, JSD).
 
 Notation (per token n, vocabulary column v): a = (h_s W_s^T + b_s) / T, b = (h_t W_t^T + b_t) / T,
-log p_s = a - lse_s, log p_t = b - lse_t. Per-token losses:
+log p_s = a - lse_s, log p_t = b - lse_t (formed as (a - max) - log-sum, see triton_common). Per-token losses:
   forward  L = sum_v p_t (log p_t - log p_s) = E_pt[b - a] - lse_t + lse_s
   reverse  L = sum_v p_s (log p_s - log p_t) = E_ps[a - b] - lse_s + lse_t
-  jsd      L = beta KL(p_t || m) + (1 - beta) KL(p_s || m),  log m = logaddexp(log p_s + log(1-beta), log p_t + log beta)
+  jsd      L = beta KL(p_t || m) + (1 - beta) KL(p_s || m),
+           log m = logaddexp(log p_s + log(1 - beta), log p_t + log beta)
            (beta = 0 is forward KL and beta = 1 reverse KL, special-cased as in the official code)
 Gradients wrt the student logits z (before the division by T), times the per-token scale c_n:
   forward  dz = c (p_s - p_t) / T
@@ -198,11 +199,11 @@ def student_gradients(grad_kernel, launch_args: dict, hidden: torch.Tensor, weig
     device = hidden.device
     dz_dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
     exact = weight.dtype == torch.float32
-    grad_h = torch.zeros(n, h, dtype=torch.float32, device=device)
-    grad_w = torch.zeros(v, h, dtype=torch.float32, device=device) if need_weight_grad else None
+    grad_h = torch.empty(n, h, dtype=torch.float32, device=device)  # every row block is written once
+    grad_w = torch.empty(v, h, dtype=torch.float32, device=device) if need_weight_grad else None
     grad_b = torch.zeros(v, dtype=torch.float32, device=device) if has_bias else None
     if n == 0:
-        return grad_h, grad_w, grad_b
+        return grad_h, None if grad_w is None else grad_w.zero_(), grad_b
     chunk = _dz_rows(n, v, torch.finfo(dz_dtype).bits // 8, cfg.block_n, max_dz_bytes)
     dz_buf = torch.empty(chunk, v, dtype=dz_dtype, device=device)
     db_buf = torch.empty(triton.cdiv(chunk, cfg.block_n), v, dtype=torch.float32, device=device) if has_bias else None
@@ -213,7 +214,7 @@ def student_gradients(grad_kernel, launch_args: dict, hidden: torch.Tensor, weig
         grad_kernel(grid, dz, db_buf, row0, rows, **launch_args)
         matmul_fp32(dz, weight, grad_h[row0:row0 + rows], accumulate=False, cfg=cfg, exact_fp32=exact)
         if grad_w is not None:
-            matmul_fp32(dz.T, hidden[row0:row0 + rows], grad_w, accumulate=True, cfg=cfg, exact_fp32=exact)
+            matmul_fp32(dz.T, hidden[row0:row0 + rows], grad_w, accumulate=row0 > 0, cfg=cfg, exact_fp32=exact)
         if grad_b is not None:
             grad_b += db_buf[:triton.cdiv(rows, cfg.block_n)].sum(dim=0)
     return grad_h, grad_w, grad_b

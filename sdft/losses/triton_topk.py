@@ -15,7 +15,8 @@ log s_tail = lse_tail - lse with lse_tail the log-sum-exp of the non-top-K logit
   cross_entropy  L = -sum_k w_k log p(id_k) - w_tail log s_tail
   forward_kl     L = cross_entropy + sum_k w_k log w_k + w_tail log w_tail          (0 log 0 = 0)
   dL/dz_j = c / T (W p_j - w_{k(j)} [j = id_k] - w_tail [j not in ids] exp(a_j - lse_tail)),  W = sum w + w_tail
-Invalid slots (id < 0 or id >= V) have weight 0; a row without a valid slot has loss 0 and zero gradient.
+Invalid slots (id < 0 or id >= V) have weight 0; a row without a valid slot has loss 0 and zero gradient;
+repeated ids are merged into one slot on the host (the kernels rely on distinct ids).
 Passes: stats (lse, lse_tail, a(id_k) read from the same tiles; 1 GEMM), dz per (row block, vocabulary
 tile) (1 GEMM), dh = dz W (1 GEMM), dW += dz^T h (1 GEMM, only when need_weight_grad).
 """
@@ -176,7 +177,6 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
         new_m = tl.maximum(m, tl.max(a, axis=1))
         l = l * tl.exp(m - new_m) + tl.sum(tl.where(col_ok, tl.exp(a - new_m[:, None]), 0.0), axis=1)
         m = new_m
-        member = tl.zeros((BLOCK_N, BLOCK_V), tl.int32)
         for k in range(0, K):
             id_k = tl.load(id_rows + k, mask=row_ok, other=-1)
             in_tile = (id_k >= v0) & (id_k < v0 + BLOCK_V)
@@ -185,12 +185,10 @@ def _distill_stats_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, stats_ptr, picked_ptr, N
                 tl.store(picked_ptr + offs_n.to(tl.int64) * K + k, tl.sum(tl.where(hit, a, 0.0), axis=1),
                          mask=in_tile & row_ok)
                 if TAIL:
-                    member = tl.where(hit, 1, member)
+                    a = tl.where(hit, NEG_C, a)  # the ids are distinct: each column is picked once
         if TAIL:
-            rest = col_ok & (member == 0)
-            a_rest = tl.where(rest, a, NEG_C)
-            new_mt = tl.maximum(m_tail, tl.max(a_rest, axis=1))
-            l_tail = l_tail * tl.exp(m_tail - new_mt) + tl.sum(tl.where(rest, tl.exp(a_rest - new_mt[:, None]), 0.0),
+            new_mt = tl.maximum(m_tail, tl.max(a, axis=1))
+            l_tail = l_tail * tl.exp(m_tail - new_mt) + tl.sum(tl.where(a > NEG_C, tl.exp(a - new_mt[:, None]), 0.0),
                                                                axis=1)
             m_tail = new_mt
     out = stats_ptr + split * N + offs_n
@@ -224,7 +222,6 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, norm_ptr, tot
     total = tl.load(total_ptr + offs_n, mask=local_ok, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=local_ok, other=0.0)
     g = total[:, None] * tl.exp((a - shift) - log_sum)
-    member = tl.zeros((BLOCK_N, BLOCK_V), tl.int32)
     id_rows = ids_ptr + offs_n.to(tl.int64) * K
     for k in range(0, K):
         id_k = tl.load(id_rows + k, mask=local_ok, other=-1)
@@ -234,13 +231,13 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, norm_ptr, tot
             hit = offs_v[None, :] == id_k[:, None]
             g = g - tl.where(hit, w_k[:, None], 0.0)
             if TAIL:
-                member = tl.where(hit, 1, member)
+                a = tl.where(hit, NEG_C, a)  # the ids are distinct; what stays above NEG is the tail
     if TAIL:
         shift_tail = tl.load(norm_ptr + 2 * N + offs_n, mask=local_ok, other=0.0)[:, None]
         log_sum_tail = tl.load(norm_ptr + 3 * N + offs_n, mask=local_ok, other=0.0)[:, None]
-        tail_w = tl.load(tail_w_ptr + offs_n, mask=local_ok, other=0.0)
-        rest = (member == 0) & (tail_w != 0.0)[:, None]
-        g = g - tl.where(rest, tail_w[:, None] * tl.exp((a - shift_tail) - log_sum_tail), 0.0)
+        tail_w = tl.load(tail_w_ptr + offs_n, mask=local_ok, other=0.0)[:, None]
+        rest = (a > NEG_C) & (tail_w != 0.0) & (log_sum_tail > NEG_C)
+        g = g - tl.where(rest, tail_w * tl.exp((a - shift_tail) - log_sum_tail), 0.0)
     keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
     g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
     tl.store(dz_ptr + local.to(tl.int64)[:, None] * s_dz_n + offs_v[None, :], g.to(dz_ptr.dtype.element_ty),
@@ -251,6 +248,20 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, norm_ptr, tot
 
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x * torch.log(torch.where(x > 0, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def _merge_repeated_ids(ids: torch.Tensor, weights: torch.Tensor):
+    """ids [N, K] int64 (-1 = invalid) and slot weights [N, K] -> (distinct ids as int32, -1 elsewhere;
+    summed weights). Cross-entropy terms and gradients are linear in the slot weights, so merging is exact."""
+    ordered, perm = ids.sort(dim=1)
+    w = weights.gather(1, perm)
+    start = torch.ones_like(ordered, dtype=torch.bool)
+    start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = start.long().cumsum(dim=1) - 1
+    totals = torch.zeros_like(w).scatter_add_(1, run, w).gather(1, run)
+    keep = start & (ordered >= 0)
+    return (torch.where(keep, ordered, torch.full_like(ordered, -1)).to(torch.int32).contiguous(),
+            torch.where(keep, totals, torch.zeros_like(totals)).contiguous())
 
 
 def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -264,7 +275,8 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
     student_hidden [N, H], student_weight [V, H] (one dtype: bf16, fp16 or fp32), topk_ids [N, K] integer,
     topk_logprobs [N, K] teacher log-probs, token_scale [N] (c_n), student_bias [V]. Returns (loss [N] fp32,
     dh [N, H] fp32, dW [V, H] fp32 or None, db [V] fp32 or None), gradients of sum_n c_n L_n; rows with
-    c_n = 0 or no valid id get loss 0 and zero gradients. Ids within a row are expected to be distinct.
+    c_n = 0 or no valid id get loss 0 and zero gradients. Repeated ids in a row are merged into one slot
+    (weights added) before the kernels, which gives the reference's values for repeated ids too.
     """
     n, h_size, v = check_pair("student", student_hidden, student_weight, student_bias)
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
@@ -293,7 +305,6 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
 
     valid = (topk_ids >= 0) & (topk_ids < v)
     any_valid = valid.any(dim=1)
-    ids32 = torch.where(valid, topk_ids, torch.full_like(topk_ids, -1)).to(torch.int32).contiguous()
     lp = topk_logprobs.detach().to(torch.float32)
     if tail:
         slot_w = torch.where(valid, lp.exp(), torch.zeros_like(lp))
@@ -304,6 +315,9 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
         slot_w = torch.where(valid, slot_w, torch.zeros_like(slot_w))
         tail_w = torch.zeros(n, dtype=torch.float32, device=device)
     row_scale = torch.where(any_valid, scale, torch.zeros_like(scale))
+    self_term = _xlogx(slot_w).sum(dim=1) + (_xlogx(tail_w) if tail else 0.0)  # sum_b w_b log w_b
+    ids32, slot_w = _merge_repeated_ids(torch.where(valid, topk_ids.long(), torch.full_like(topk_ids.long(), -1)),
+                                        slot_w)
     if n == 0 or k == 0:
         return (torch.zeros(n, dtype=torch.float32, device=device),
                 torch.zeros(n, h_size, dtype=torch.float32, device=device),
@@ -324,16 +338,14 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
                                                     tiles_per_split=per_split, **common)
     shift, log_sum, _ = merge_softmax(stats[0], stats[1])
     student_lp = (picked - shift[:, None]) - log_sum[:, None]
-    loss = -(slot_w * torch.where(valid, student_lp, torch.zeros_like(student_lp))).sum(dim=1)
+    loss = -(slot_w * student_lp).sum(dim=1)  # merged-away and invalid slots have weight 0, picked 0
     if kind == "forward_kl":
-        loss = loss + _xlogx(slot_w).sum(dim=1)
+        loss = loss + self_term
     if tail:
         shift_tail, log_sum_tail, _ = merge_softmax(stats[2], stats[3])
         has_tail = tail_w > 0
         tail_lp = torch.where(has_tail, (shift_tail - shift) + (log_sum_tail - log_sum), torch.zeros_like(shift))
         loss = loss - tail_w * tail_lp
-        if kind == "forward_kl":
-            loss = loss + _xlogx(tail_w)
     else:
         shift_tail, log_sum_tail = shift, log_sum
     loss = torch.where(row_scale != 0, loss, torch.zeros_like(loss))
