@@ -63,9 +63,3 @@ def batch_indices(step: int, *, n_examples: int, batch_size: int, seed: int) -> 
         out.append(order[offset])
     return out
 
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """The part of a batch that process `rank` of `world_size` handles (strided, so sizes differ by <= 1)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} must lie in [0, {world_size})")
-    return list(items[rank::world_size])

@@ -42,13 +42,26 @@ def sampling_from_config(config: Config) -> SamplingParams:
     return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p)
 
 
-def sdft_step_fn(config: Config) -> StepFn:
-    """The SDFT step: sample, score with the teacher, train, update the teacher."""
+def sampling_seed(seed: int, step: int, position: int) -> int:
+    """The random stream of the prompt at `position` of step `step`'s global batch (a 63-bit integer)."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + position) & (2**63 - 1)
+
+
+def sdft_step_fn(config: Config, *, rank: int = 0, world_size: int = 1) -> StepFn:
+    """The SDFT step: sample, score with the teacher, train, update the teacher.
+
+    Each prompt is sampled from its own stream `sampling_seed(seed, step, position)`, so a run gives the
+    same rollouts whether the batch is split over processes or not; with `world_size` > 1 this process
+    handles the positions rank, rank + world_size, ... of every batch.
+    """
     spec, sampling, micro = loss_spec_from_config(config), sampling_from_config(config), config.optim.micro_batch_size
 
     def step_fn(backend, batch: Sequence[EncodedExample], step: int) -> dict:
         start = time.perf_counter()
-        rollouts = backend.sample([b.student_ids for b in batch], sampling)
+        positions = list(range(rank, len(batch), world_size))
+        batch = [batch[i] for i in positions]
+        seeds = [sampling_seed(config.seed, step, i) for i in positions]
+        rollouts = backend.sample([b.student_ids for b in batch], sampling, seeds=seeds)
         sampled = time.perf_counter()
         targets = backend.teacher_targets([b.teacher_ids for b in batch], rollouts, spec)
         scored = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdft.batches import encode_examples, shard, total_steps
+from sdft.batches import encode_examples, total_steps
 from sdft.build import build_benchmarks, build_local_backend, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
@@ -86,6 +86,18 @@ def _gradient_averager(world_size: int):
     return average
 
 
+def _averaging_metrics(step_fn):
+    """Wrap a step so that every process reports the mean of the processes' metrics."""
+    def averaged(backend, batch, step):
+        metrics = step_fn(backend, batch, step)
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        values /= torch.distributed.get_world_size()
+        return dict(zip(keys, values.tolist()))
+    return averaged
+
+
 def train_from_config(config: Config, *, dist: Distributed | None = None, stop_after: int | None = None) -> RunResult:
     """Run the whole job described by `config` (see `sdft.loop.run_training`)."""
     from sdft.models import load_model_and_tokenizer
@@ -101,12 +113,10 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
     steps = total_steps(len(train), config.optim.batch_size, config.optim.epochs, config.optim.max_steps)
     backend = build_local_backend(config, model, tokenizer, steps=steps, device=dist.device,
                                   grad_sync=_gradient_averager(dist.world_size), rank=dist.rank)
-    step_fn = sdft_step_fn(config) if config.algorithm == "sdft" else sft_step_fn(config)
+    make_step = sdft_step_fn if config.algorithm == "sdft" else sft_step_fn
+    step_fn = make_step(config, rank=dist.rank, world_size=dist.world_size)
     if dist.world_size > 1:
-        inner = step_fn
-
-        def step_fn(backend, batch, step):  # noqa: F811 - each process handles its share of the batch
-            return inner(backend, shard(batch, dist.rank, dist.world_size), step)
+        step_fn = _averaging_metrics(step_fn)
     notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
                                 + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
     run_dir = Path(config.output_dir) / config.run_name

@@ -497,3 +497,23 @@ def test_cuda_bf16_train_step_matches_the_chunked_path(tiny_tokenizer, student_m
                                                                        micro_batch_size=2))[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name].float(), grads[1][name].float(), rtol=2e-2, atol=1e-4)
+
+
+def test_per_prompt_seeds_make_sampling_independent_of_batching(tiny_tokenizer):
+    """With seeds, a prompt's completion depends on its seed only: not on the other prompts in the batch."""
+    from sdft.backends.base import SamplingParams
+    from sdft.backends.local import LocalBackend
+    from tests.tiny import build_tiny_llama
+
+    model = build_tiny_llama(len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id,
+                             pad_token_id=tiny_tokenizer.pad_token_id)
+    backend = LocalBackend(model, tiny_tokenizer, teacher_mode="static", lora_rank=4)
+    prompts = [tiny_tokenizer(text)["input_ids"] for text in ("What is", "The capital of France is Paris", "0 1 2")]
+    params = SamplingParams(max_new_tokens=12)
+    together = backend.sample(prompts, params, seeds=[11, 22, 33])
+    alone = [backend.sample([p], params, seeds=[s])[0] for p, s in zip(prompts, (11, 22, 33))]
+    for a, b in zip(together, alone):
+        assert a.completion_ids == b.completion_ids
+        assert a.sampler_logprobs == pytest.approx(b.sampler_logprobs, abs=1e-5)
+    other = backend.sample(prompts, params, seeds=[12, 22, 33])
+    assert other[1].completion_ids == together[1].completion_ids

@@ -165,8 +165,11 @@ class Backend(Protocol):
         """The learning rate the next optimizer step will use."""
         ...
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
-        """One on-policy completion per prompt from the student."""
+    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+               seeds: Sequence[int] | None = None) -> list[Rollout]:
+        """One on-policy completion per prompt from the student. With `seeds`, prompt i is sampled from
+        its own random stream seeded by seeds[i], so its completion does not depend on batching, sharding
+        across processes or order."""
         ...
 
     def teacher_targets(self, teacher_prompt_ids: Sequence[Sequence[int]], rollouts: Sequence[Rollout],

@@ -117,14 +117,24 @@ class LocalBackend:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # -------------------------------------------------------------------------------------- sampling
-    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Rollout]:
+    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+               seeds: Sequence[int] | None = None) -> list[Rollout]:
         """One completion per prompt from the student (adapter enabled, eval mode, no grad), sampled from
         softmax(z / T) restricted to the top_p nucleus; sampler_logprobs are the log-probabilities under
-        that restricted, renormalized distribution. Reproducible from `seed` and the call order."""
+        that restricted, renormalized distribution. Reproducible from `seed` and the call order, or, with
+        `seeds`, per prompt from its own generator seeded by seeds[i] (independent of batching)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompts = _check_token_lists("prompt_ids", prompt_ids)
-        out = self._decode(prompts, params.max_new_tokens, params.temperature, params.top_p, greedy=False)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
+        generators = None
+        if seeds is not None:
+            generators = [torch.Generator(device=self.device) for _ in seeds]
+            for generator, seed in zip(generators, seeds):
+                generator.manual_seed(int(seed))
+        out = self._decode(prompts, params.max_new_tokens, params.temperature, params.top_p, greedy=False,
+                           generators=generators)
         return [Rollout(tuple(p), tuple(ids), tuple(lps), finished) for p, (ids, lps, finished) in zip(prompts, out)]
 
     def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -133,7 +143,7 @@ class LocalBackend:
         prompts = _check_token_lists("prompt_ids", prompt_ids)
         return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True)]
 
-    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy):
+    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None):
         step = self.generation_batch_size or max(1, len(prompts))
         results = []
         model = self.model
@@ -142,14 +152,16 @@ class LocalBackend:
         try:
             with torch.no_grad():
                 for start in range(0, len(prompts), step):
-                    results.extend(self._decode_batch(prompts[start:start + step], max_new_tokens,
-                                                      temperature, top_p, greedy))
+                    results.extend(self._decode_batch(
+                        prompts[start:start + step], max_new_tokens, temperature, top_p, greedy,
+                        None if generators is None else generators[start:start + step]))
         finally:
             model.train(was_training)
         return results
 
-    def _decode_batch(self, prompts, max_new_tokens, temperature, top_p, greedy):
-        """Left-padded KV-cache decoding of one batch; returns (ids, logprobs, finished) per prompt."""
+    def _decode_batch(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None):
+        """Left-padded KV-cache decoding of one batch; returns (ids, logprobs, finished) per prompt.
+        `generators`: one per prompt (per-prompt random streams), else the backend's shared generator."""
         causal_lm = self._causal_lm()
         batch, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=self.device)
@@ -171,7 +183,11 @@ class LocalBackend:
                 token_lp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
             else:
                 lp = _sampling_logprobs(logits, temperature, top_p)
-                token = torch.multinomial(lp.exp(), 1, generator=self.generator)[:, 0]
+                probs = lp.exp()
+                if generators is None:
+                    token = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+                else:
+                    token = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
                 token_lp = lp.gather(-1, token[:, None])[:, 0]
             alive.append(~done)
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
