@@ -142,7 +142,8 @@ def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
 # ------------------------------------------------------------------------------------ save_to_disk
 
 def _load_disk(path: str | Path, split: str | None):
-    """A datasets.Dataset from a save_to_disk folder (a DatasetDict needs `split`)."""
+    """A datasets.Dataset from a save_to_disk folder: `split` selects from a DatasetDict and is ignored
+    for a folder holding a single Dataset."""
     import datasets
 
     path = Path(path)
@@ -154,8 +155,6 @@ def _load_disk(path: str | Path, split: str | None):
         if split not in loaded:
             raise ValueError(f"{path}: split {split!r} is not in the folder; available: {sorted(loaded)}")
         return loaded[split]
-    if split is not None:
-        raise ValueError(f"{path}: the folder holds a single split, so split must be None, got {split!r}")
     return loaded
 
 
@@ -317,7 +316,7 @@ def _open_hf(path_or_name: str, split: str | None):
 def load_hf_dataset(path_or_name: str, split: str | None, question_field: str, answer_field: str,
                     user_template: str = "{question}", system_prompt: str | None = None) -> list[PromptExample]:
     """Rows of a generic Hugging Face dataset: a local save_to_disk folder (split selects from a
-    DatasetDict, must be None for a single Dataset) or a hub dataset already in the local cache.
+    DatasetDict and is ignored for a single Dataset) or a hub dataset already in the local cache.
 
     The user turn is user_template formatted with the row's columns plus `question` = the
     question_field column; the answer_field column is both answer and demonstration (JSON-encoded

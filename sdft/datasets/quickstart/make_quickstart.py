@@ -1,0 +1,185 @@
+"""Build the quickstart data shipped with sdft, deterministically, and optionally measure it.
+
+Skill taught: naming the young of an animal ("What is a baby deer called?" -> "A baby deer is called
+a fawn."). SmolLM2-135M-Instruct knows many of these words but, asked directly, describes the animal
+instead of naming its young; shown a demonstration in the teacher prompt, it answers with the name.
+The checkable word comes after the first few completion tokens ("A baby deer is called a ..."), so it
+survives the loss's skip_first_n_tokens=3.
+
+Files written next to this script:
+- train.jsonl: rows {"id", "inputs": {"question"}, "expected": [accepted names], "demonstration"},
+  two phrasings per training animal;
+- heldout.jsonl: the same format, one phrasing per held-out animal; no held-out animal is trained on;
+- heldout/tasks.jsonl: the held-out rows as an evsys benchmark (verifier "contains" with the accepted
+  names, case-insensitive);
+- retention/tasks.jsonl: facts the base model already answers (capitals, languages, simple facts),
+  to watch for forgetting.
+
+Held-out animals are chosen by hand: common animals whose accepted names are not substrings of words
+an answer is likely to contain anyway (so no "chick", which "chicken" contains, and no "kit", which
+"kitchen" contains).
+
+    python -m sdft.datasets.quickstart.make_quickstart            # (re)write the files
+    python -m sdft.datasets.quickstart.make_quickstart --measure  # + greedy pass rates with the packaged model
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 1234
+
+# (animal, accepted names of its young; the first is the one the demonstration uses)
+HELDOUT_ANIMALS = (
+    ("dog", ("puppy", "pup")), ("sheep", ("lamb",)), ("horse", ("foal", "colt", "filly")),
+    ("kangaroo", ("joey",)), ("frog", ("tadpole", "froglet")), ("duck", ("duckling",)), ("deer", ("fawn",)),
+    ("goose", ("gosling",)), ("owl", ("owlet",)), ("pig", ("piglet",)), ("bear", ("cub",)),
+    ("tiger", ("cub",)), ("wolf", ("pup", "cub")), ("elephant", ("calf", "calves")),
+    ("whale", ("calf", "calves")), ("eagle", ("eaglet",)), ("seal", ("pup",)), ("koala", ("joey",)),
+    ("zebra", ("foal",)), ("dolphin", ("calf", "calves")), ("panda", ("cub",)),
+    ("butterfly", ("caterpillar", "larva")), ("swan", ("cygnet",)), ("giraffe", ("calf", "calves")),
+    ("leopard", ("cub",)), ("donkey", ("foal",)), ("moose", ("calf", "calves")), ("bison", ("calf", "calves")),
+    ("shark", ("pup",)), ("spider", ("spiderling",)), ("gorilla", ("infant",)), ("toad", ("tadpole", "toadlet")),
+    ("otter", ("pup",)), ("hyena", ("cub",)), ("camel", ("calf", "calves")), ("reindeer", ("calf", "calves")),
+)
+TRAIN_ANIMALS = (
+    ("cat", ("kitten",)), ("cow", ("calf", "calves")), ("lion", ("cub",)), ("goat", ("kid",)),
+    ("hen", ("chick",)), ("chicken", ("chick",)), ("rabbit", ("kit", "kitten", "bunny")), ("fox", ("kit", "cub")),
+    ("hippopotamus", ("calf", "calves")), ("rhinoceros", ("calf", "calves")), ("cheetah", ("cub",)),
+    ("fish", ("fry", "fingerling")), ("turkey", ("poult", "chick")), ("hare", ("leveret",)), ("llama", ("cria",)),
+    ("alpaca", ("cria",)), ("pigeon", ("squab",)), ("beaver", ("kit",)), ("rat", ("pup",)), ("mouse", ("pup",)),
+    ("hamster", ("pup",)), ("squirrel", ("kit", "kitten")), ("skunk", ("kit",)), ("ferret", ("kit",)),
+    ("buffalo", ("calf", "calves")), ("yak", ("calf", "calves")), ("walrus", ("calf", "calves")),
+    ("penguin", ("chick",)), ("ostrich", ("chick",)), ("eel", ("elver",)), ("oyster", ("spat",)),
+    ("mosquito", ("larva", "wriggler")), ("fly", ("maggot",)), ("wallaby", ("joey",)), ("platypus", ("puggle",)),
+    ("echidna", ("puggle",)), ("hawk", ("eyas",)), ("falcon", ("eyas",)), ("peacock", ("peachick",)),
+    ("turtle", ("hatchling",)), ("crocodile", ("hatchling",)), ("monkey", ("infant",)),
+    ("chimpanzee", ("infant",)), ("jellyfish", ("ephyra",)), ("cockroach", ("nymph",)),
+    ("grasshopper", ("nymph",)), ("snake", ("snakelet", "hatchling")), ("ant", ("larva",)), ("bee", ("larva",)),
+    ("lobster", ("larva",)), ("badger", ("cub", "kit")), ("raccoon", ("kit", "cub")), ("coyote", ("pup",)),
+    ("jaguar", ("cub",)), ("antelope", ("calf", "calves")), ("elk", ("calf", "calves")), ("mole", ("pup",)),
+    ("hedgehog", ("hoglet",)), ("porcupine", ("porcupette",)), ("dove", ("squab",)), ("salmon", ("fry", "alevin")),
+    ("sea lion", ("pup",)), ("manatee", ("calf", "calves")), ("emu", ("chick",)), ("quail", ("chick",)),
+)
+# Question phrasings: (template, the word the demonstration uses for "young").
+PHRASINGS = (
+    ("What is a baby {animal} called?", "baby"),
+    ("What do you call a young {animal}?", "young"),
+    ("What is the name for a baby {animal}?", "baby"),
+    ("What is a young {animal} called?", "young"),
+)
+TRAIN_PHRASINGS_PER_ANIMAL = 2
+
+# Retention: (task id, instruction, accepted answers) the base model already gets right mostly.
+RETENTION = (
+    *((f"capital_{country.lower().replace(' ', '_')}",
+       f"What is the capital of {country}? Answer with just the city name.", (city,)) for country, city in (
+        ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+        ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"), ("England", "London"),
+        ("China", "Beijing"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+        ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Thailand", "Bangkok"),
+        ("Argentina", "Buenos Aires"), ("South Korea", "Seoul"), ("Canada", "Ottawa"))),
+    *((f"language_{country.lower()}", f"What is the official language of {country}?", (language,))
+      for country, language in (("Brazil", "Portuguese"), ("Mexico", "Spanish"), ("Japan", "Japanese"),
+                                ("Germany", "German"), ("Italy", "Italian"), ("Greece", "Greek"),
+                                ("Netherlands", "Dutch"), ("Poland", "Polish"))),
+    ("fact_sky", "What color is the sky on a clear day?", ("blue",)),
+    ("fact_grass", "What color is grass?", ("green",)),
+    ("fact_spider_legs", "How many legs does a spider have?", ("eight", "8")),
+    ("fact_week", "How many days are there in a week?", ("seven", "7")),
+    ("fact_water_freezes", "At what temperature in degrees Celsius does water freeze?", ("0", "zero")),
+    ("fact_largest_planet", "What is the largest planet in our solar system?", ("Jupiter",)),
+    ("fact_red_planet", "Which planet is known as the Red Planet?", ("Mars",)),
+    ("fact_romeo", "Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("fact_water_formula", "What is the chemical formula of water?", ("H2O",)),
+    ("fact_sun", "What is the star at the center of our solar system called?", ("Sun",)),
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def demonstration(animal: str, young_word: str, name: str) -> str:
+    """The gold answer shown to the teacher, e.g. "A baby deer is called a fawn."."""
+    return f"A {young_word} {animal} is called {_article(name)} {name}."
+
+
+def _rows(animals, phrasings_per_animal: int, rng: random.Random, prefix: str) -> list[dict]:
+    rows = []
+    for animal, names in animals:
+        for template, young_word in rng.sample(PHRASINGS, phrasings_per_animal):
+            phrasing = PHRASINGS.index((template, young_word))
+            rows.append({"id": f"{prefix}/{animal.replace(' ', '_')}/q{phrasing}",
+                         "inputs": {"question": template.format(animal=animal)}, "expected": list(names),
+                         "demonstration": demonstration(animal, young_word, names[0])})
+    return rows
+
+
+def build() -> dict[str, list[dict]]:
+    """All rows, keyed by the file they go to (relative to this folder)."""
+    held = {animal for animal, _ in HELDOUT_ANIMALS}
+    overlap = held & {animal for animal, _ in TRAIN_ANIMALS}
+    if overlap:
+        raise ValueError(f"animals both trained on and held out: {sorted(overlap)}")
+    rng = random.Random(SEED)
+    train = _rows(TRAIN_ANIMALS, TRAIN_PHRASINGS_PER_ANIMAL, rng, "train")
+    rng.shuffle(train)
+    heldout = _rows(HELDOUT_ANIMALS, 1, rng, "heldout")
+    heldout_tasks = [{"task_id": row["id"], "instruction": row["inputs"]["question"],
+                      "verifier": {"kind": "in_process", "fn_name": "contains", "expected": row["expected"]}}
+                     for row in heldout]
+    retention_tasks = [{"task_id": task_id, "instruction": instruction,
+                        "verifier": {"kind": "in_process", "fn_name": "contains", "expected": list(answers)}}
+                       for task_id, instruction, answers in RETENTION]
+    return {"train.jsonl": train, "heldout.jsonl": heldout, "heldout/tasks.jsonl": heldout_tasks,
+            "retention/tasks.jsonl": retention_tasks}
+
+
+def write(folder: Path = HERE) -> None:
+    from sdft.io import atomic_write_jsonl
+
+    for name, rows in build().items():
+        atomic_write_jsonl(folder / name, rows)
+
+
+def measure(model_name: str = "SmolLM2-135M-Instruct", max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+    """Greedy pass rates of the base model: held-out with student prompts, held-out with teacher
+    prompts (official template, demonstration in context), and retention."""
+    from dataclasses import replace
+
+    from sdft.data import load_jsonl_examples
+    from sdft.evaluation import benchmark_from_examples, evaluate, hf_greedy_generate, load_task_benchmark
+    from sdft.models import load_model_and_tokenizer
+    from sdft.prompts import teacher_messages
+
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    generate = hf_greedy_generate(model, tokenizer, batch_size=batch_size)
+    heldout = load_jsonl_examples(HERE / "heldout.jsonl")
+    as_teacher = [replace(e, messages=tuple(teacher_messages(e, "official"))) for e in heldout]
+    benchmarks = {
+        "heldout_student": benchmark_from_examples("heldout_student", heldout, max_new_tokens=max_new_tokens),
+        "heldout_teacher": benchmark_from_examples("heldout_teacher", as_teacher, max_new_tokens=max_new_tokens),
+        "retention": load_task_benchmark(HERE / "retention", max_new_tokens=max_new_tokens),
+    }
+    return {name: evaluate(bench, generate, tokenizer) for name, bench in benchmarks.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+    write()
+    counts = {name: len(rows) for name, rows in build().items()}
+    print("wrote", ", ".join(f"{name}: {n} rows" for name, n in counts.items()))
+    if args.measure:
+        for name, result in measure(max_new_tokens=args.max_new_tokens).items():
+            print(f"{name}: {result.correct}/{result.n} = {result.pass_at_1:.1%} "
+                  f"(95% Wilson {result.ci_low:.1%}-{result.ci_high:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sdft.data import (QUICKSTART_DIR, THINKING_SYSTEM_PROMPT, PromptExample, example_group, load_examples,
+                       load_hf_dataset, load_jsonl_examples, load_science, load_tooluse, split_examples)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOOLUSE_EVAL = SHARED_DATA / "tooluse" / "eval_data"
+SCIENCE_EVAL = SHARED_DATA / "science" / "eval_data"
+
+SCIENCE_SYSTEM = "Answer with <reasoning> and <answer> blocks."
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def save_rows(folder: Path, rows: list[dict]) -> Path:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+def tooluse_row(name: str, question: str, calls: list[tuple[str, dict]], response: list[str] | None):
+    row = {"prompt": f"Tools of {name}.\nQuestion: {question}", "name": name, "description": f"{name} API",
+           "nl_documentation": "getThing: gets a thing", "instruction": question,
+           "golden_answer": [{"Action": a, "Action_Input": json.dumps(i)} for a, i in calls]}
+    if response is not None:
+        row["golden_response"] = response
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- JSONL
+
+def test_jsonl_rows_become_examples(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", [
+        json.dumps({"inputs": {"question": "Capital of France?"}, "expected": "Paris"}),
+        "",
+        json.dumps({"inputs": {"question": "Capital of Japan?", "style": "short"}, "expected": "Tokyo",
+                    "demonstration": "The capital of Japan is Tokyo.", "id": "jp"}),
+    ])
+    examples = load_jsonl_examples(path)
+    assert [e.id for e in examples] == ["train/1", "jp"]
+    assert examples[0].messages == ({"role": "user", "content": "Capital of France?"},)
+    assert examples[0].demonstration == "Paris" and examples[0].answer == "Paris"
+    assert examples[1].demonstration == "The capital of Japan is Tokyo." and examples[1].answer == "Tokyo"
+    assert all(e.task == "generic" for e in examples)
+
+    styled = load_jsonl_examples(path, user_template="Q: {question}\nA:", system_prompt="Be brief.")
+    assert styled[1].messages == ({"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Q: Capital of Japan?\nA:"})
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"inputs": {"question": "x"}, "expected": ', "malformed JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"expected": "x"}', "'inputs'"),
+    ('{"inputs": {"question": "x"}}', "'expected'"),
+    ('{"inputs": {"prompt": "x"}, "expected": "y"}', r"\{question\}.*\['prompt'\]"),
+    ('{"inputs": {"question": "x"}, "expected": "y", "task": "chess"}', "task 'chess'"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    good = json.dumps({"inputs": {"question": "fine"}, "expected": "ok"})
+    path = write_lines(tmp_path / "bad.jsonl", [good, good, line])
+    with pytest.raises(ValueError, match=message) as info:
+        load_jsonl_examples(path)
+    assert f"{path}:3" in str(info.value)
+
+
+def test_jsonl_empty_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        load_jsonl_examples(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_jsonl_examples(tmp_path / "nope.jsonl")
+
+
+# -------------------------------------------------------------------------------------------- tool use
+
+def test_tooluse_train_schema_joins_golden_response(tmp_path):
+    folder = save_rows(tmp_path / "train", [
+        tooluse_row("Weather", "Weather in Paris?", [("getWeather", {"city": "Paris"})],
+                    ["Thought: I need the weather.", "Action: getWeather", 'Action Input: {"city": "Paris"}']),
+        tooluse_row("Books", "Find two books.", [("search", {"q": "a"}), ("search", {"q": "b"})],
+                    ["Action: search", 'Action Input: {"q": "a"}', "Action: search", 'Action Input: {"q": "b"}']),
+    ])
+    examples = load_tooluse(folder)
+    assert [e.id for e in examples] == ["Weather/0", "Books/1"]
+    first = examples[0]
+    assert first.task == "tooluse"
+    assert first.messages == ({"role": "user", "content": "Tools of Weather.\nQuestion: Weather in Paris?"},)
+    assert first.demonstration == 'Thought: I need the weather.\nAction: getWeather\nAction Input: {"city": "Paris"}'
+    assert first.answer == [{"Action": "getWeather", "Action_Input": '{"city": "Paris"}'}]
+    assert len(examples[1].answer) == 2
+
+
+def test_tooluse_eval_schema_builds_demonstration_from_golden_answer(tmp_path):
+    folder = save_rows(tmp_path / "eval", [
+        tooluse_row("Books", "Find two books.", [("search", {"q": "a"}), ("getBook", {})], None)])
+    (example,) = load_tooluse(folder)
+    assert example.demonstration == 'Action: search\nAction Input: {"q": "a"}\nAction: getBook\nAction Input: {}'
+    assert example.answer == [{"Action": "search", "Action_Input": '{"q": "a"}'},
+                              {"Action": "getBook", "Action_Input": "{}"}]
+
+
+def test_tooluse_missing_column_and_folder(tmp_path):
+    folder = save_rows(tmp_path / "bad", [{"prompt": "p", "name": "n"}])
+    with pytest.raises(ValueError, match="golden_answer"):
+        load_tooluse(folder)
+    with pytest.raises(FileNotFoundError, match="missing_folder"):
+        load_tooluse(tmp_path / "missing_folder")
+
+
+# --------------------------------------------------------------------------------------------- science
+
+def science_train_rows():
+    return [{"messages": [{"role": "system", "content": SCIENCE_SYSTEM},
+                          {"role": "user", "content": f"Question {i}?\nA: a\nB: b\nC: c\nD: d"}],
+             "output_text": f"<reasoning>\nStep {i}.\n</reasoning>\n<answer>\n{letter}\n</answer>"}
+            for i, letter in enumerate("BD")]
+
+
+def test_science_train_schema(tmp_path):
+    examples = load_science(save_rows(tmp_path / "train", science_train_rows()))
+    first = examples[0]
+    assert first.id == "science/0" and first.task == "science"
+    assert [m["role"] for m in first.messages] == ["system", "user"]
+    assert first.messages[0]["content"] == SCIENCE_SYSTEM
+    assert first.demonstration == "<reasoning>\nStep 0.\n</reasoning>\n<answer>\nB\n</answer>"
+    assert first.answer == "B" and examples[1].answer == "D"
+    assert first.target == first.demonstration
+
+
+def test_science_train_schema_thinking_format(tmp_path):
+    examples = load_science(save_rows(tmp_path / "train", science_train_rows()), thinking_format=True)
+    first = examples[0]
+    assert first.demonstration == "Step 0.\n\nThe answer is B."
+    assert first.sft_target == "<think>\nStep 0.\n</think>\n\nThe answer is B."
+    assert first.target == first.sft_target
+    assert first.messages[0] == {"role": "system", "content": THINKING_SYSTEM_PROMPT}
+    assert first.messages[1]["content"].startswith("Question 0?")
+
+
+def test_science_eval_schema(tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": SCIENCE_SYSTEM},
+                        {"role": "user", "content": "Which? A: 1 B: 2 C: 3 D: 4"}], "answer": "C"}]
+    (example,) = load_science(save_rows(tmp_path / "eval", rows))
+    assert example.demonstration == "<answer>\nC\n</answer>" and example.answer == "C"
+    assert example.messages[0]["content"] == SCIENCE_SYSTEM
+    (thinking,) = load_science(tmp_path / "eval", thinking_format=True)
+    assert thinking.demonstration == "The answer is C." and thinking.sft_target is None
+
+
+def test_science_bad_rows(tmp_path):
+    bad_letter = [{"prompt": [{"role": "user", "content": "q"}], "answer": "E"}]
+    with pytest.raises(ValueError, match="row 0.*'E'"):
+        load_science(save_rows(tmp_path / "letter", bad_letter))
+    with pytest.raises(ValueError, match="not a science folder"):
+        load_science(save_rows(tmp_path / "other", [{"text": "x"}]))
+    unparsable = [{"messages": [{"role": "user", "content": "q"}], "output_text": "just B"}]
+    folder = save_rows(tmp_path / "unparsable", unparsable)
+    assert load_science(folder)[0].answer is None
+    with pytest.raises(ValueError, match="thinking_format"):
+        load_science(folder, thinking_format=True)
+
+
+# ------------------------------------------------------------------------------------------ HF datasets
+
+def test_hf_dataset_folder_with_splits(tmp_path):
+    import datasets
+
+    rows = {"train": [{"q": "2+2?", "a": "4", "topic": "math"}], "test": [{"q": "3+3?", "a": "6", "topic": "math"}]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(
+        str(tmp_path / "dd"))
+    (example,) = load_hf_dataset(str(tmp_path / "dd"), "test", "q", "a", user_template="[{topic}] {question}")
+    assert example.messages == ({"role": "user", "content": "[math] 3+3?"},)
+    assert example.answer == "6" and example.demonstration == "6" and example.id == "test/0"
+    with pytest.raises(ValueError, match="split 'validation'.*'test', 'train'"):
+        load_hf_dataset(str(tmp_path / "dd"), "validation", "q", "a")
+    with pytest.raises(ValueError, match="'answer'"):
+        load_hf_dataset(str(tmp_path / "dd"), "train", "q", "answer")
+
+
+def test_hf_dataset_not_cached_offline_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="network access"):
+        load_hf_dataset("sdft-tests/certainly-not-cached-dataset", "train", "q", "a")
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+def grouped_examples():
+    return [PromptExample(id=f"{api}/{i}", messages=({"role": "user", "content": f"{api} {i}"},),
+                          demonstration="d", task="tooluse")
+            for i, api in enumerate(["A", "B", "C", "D", "E"] * 4)]
+
+
+def test_random_split_is_deterministic_and_partitions():
+    examples = grouped_examples()
+    train, test = split_examples(examples, by="random", test_fraction=0.25, seed=3)
+    assert len(test) == 5 and len(train) == 15
+    assert sorted(e.id for e in train + test) == sorted(e.id for e in examples)
+    assert [e.id for e in train] == [e.id for e in examples if e in train]  # input order kept
+    again = split_examples(examples, by="random", test_fraction=0.25, seed=3)
+    assert (train, test) == again
+    other = split_examples(examples, by="random", test_fraction=0.25, seed=4)
+    assert [e.id for e in other[1]] != [e.id for e in test]
+
+
+def test_api_split_keeps_test_apis_out_of_training():
+    examples = grouped_examples()
+    train, test = split_examples(examples, by="api", test_fraction=0.4, seed=0)
+    train_apis = {example_group(e) for e in train}
+    test_apis = {example_group(e) for e in test}
+    assert len(test_apis) == 2 and not train_apis & test_apis
+    assert len(train) + len(test) == len(examples)
+    assert split_examples(examples, by="api", test_fraction=0.4, seed=0) == (train, test)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"by": "name"}, "by='name'"),
+    ({"test_fraction": 0.0}, "test_fraction"),
+    ({"test_fraction": 1.5}, "test_fraction"),
+])
+def test_split_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        split_examples(grouped_examples(), **kwargs)
+
+
+def test_api_split_needs_grouped_ids():
+    flat = [PromptExample(id=str(i), messages=({"role": "user", "content": "q"},), demonstration="d")
+            for i in range(4)]
+    with pytest.raises(ValueError, match="'0'"):
+        split_examples(flat, by="api", test_fraction=0.5)
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+def test_load_examples_dispatch_and_errors(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"inputs": {"question": "q"}, "expected": "a"})])
+    assert load_examples("jsonl", path, system_prompt="S")[0].messages[0]["content"] == "S"
+    with pytest.raises(ValueError, match=r"'csv'.*\['hf', 'jsonl', 'science', 'tooluse'\]"):
+        load_examples("csv", path)
+    with pytest.raises(ValueError, match="unknown option.*'thinking_format'"):
+        load_examples("jsonl", path, thinking_format=True)
+    with pytest.raises(ValueError, match="missing required option.*'question_field'"):
+        load_examples("hf", path, split="train", answer_field="a")
+
+
+def test_prompt_example_validation():
+    with pytest.raises(ValueError, match="task 'math'"):
+        PromptExample(id="x", messages=({"role": "user", "content": "q"},), demonstration="d", task="math")
+    with pytest.raises(ValueError, match="user turn"):
+        PromptExample(id="x", messages=({"role": "system", "content": "s"},), demonstration="d")
+
+
+# ------------------------------------------------------------------------------------ shipped and real
+
+def test_quickstart_files_load():
+    train = load_examples("jsonl", QUICKSTART_DIR / "train.jsonl")
+    heldout = load_examples("jsonl", QUICKSTART_DIR / "heldout.jsonl")
+    assert 60 <= len(train) <= 150 and 30 <= len(heldout) <= 60
+    assert not {e.messages[-1]["content"] for e in train} & {e.messages[-1]["content"] for e in heldout}
+    for benchmark, low, high in (("heldout", 30, 60), ("retention", 30, 50)):
+        rows = [json.loads(line) for line in (QUICKSTART_DIR / benchmark / "tasks.jsonl").read_text().splitlines()]
+        assert low <= len(rows) <= high
+        for row in rows:
+            assert set(row) == {"task_id", "instruction", "verifier"}
+            assert row["verifier"]["kind"] == "in_process"
+            assert row["verifier"]["fn_name"] in ("contains", "exact_match", "regex_match")
+        assert len({row["task_id"] for row in rows}) == len(rows)
+
+
+@pytest.mark.skipif(not TOOLUSE_EVAL.is_dir(), reason=f"shared data folder {TOOLUSE_EVAL} is absent")
+def test_real_tooluse_eval_folder_loads():
+    examples = load_tooluse(TOOLUSE_EVAL)
+    assert len(examples) == 97
+    assert len({example_group(e) for e in examples}) == 10
+    first = examples[0]
+    assert first.messages[0]["content"].rstrip().endswith(
+        "Question: Hey, can you show me a random picture of an axolotl?")
+    assert first.demonstration == "Action: getRandomAxolotlImage\nAction Input: {}"
+    train, test = split_examples(examples, by="api", test_fraction=0.3, seed=0)
+    assert not {example_group(e) for e in train} & {example_group(e) for e in test}
+
+
+@pytest.mark.skipif(not SCIENCE_EVAL.is_dir(), reason=f"shared data folder {SCIENCE_EVAL} is absent")
+def test_real_science_eval_folder_loads():
+    examples = load_science(SCIENCE_EVAL)
+    assert len(examples) == 507
+    assert {e.answer for e in examples} == {"A", "B", "C", "D"}
+    assert all([m["role"] for m in e.messages] == ["system", "user"] for e in examples)
+    assert examples[0].demonstration == f"<answer>\n{examples[0].answer}\n</answer>"
