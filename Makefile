@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) scripts/bench_losses.py --quick
+	$(PY) scripts/train.py --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

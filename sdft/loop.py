@@ -86,12 +86,15 @@ class RunResult:
 
 def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
                   only=None) -> dict[str, EvalResult]:
+    def generate(prompts, max_new_tokens):
+        return backend.generate_greedy(prompts, max_new_tokens, batch_size=config.eval.batch_size)
+
     results = {}
     for benchmark, max_items in benchmarks:
         if only is not None and not only(benchmark):
             continue
         results[benchmark.name] = evaluate(
-            benchmark, backend.generate_greedy, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+            benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
             max_items=max_items, predictions_path=run_dir / "predictions" / f"{benchmark.name}{tag}.jsonl",
         )
     return results

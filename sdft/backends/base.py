@@ -186,8 +186,9 @@ class Backend(Protocol):
         """Called after optimizer step number `step` (1-based): EMA update or periodic sync."""
         ...
 
-    def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions from the student (EOS included when produced)."""
+    def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        batch_size: int | None = None) -> list[list[int]]:
+        """Greedy completions from the student (EOS included when produced), `batch_size` prompts at a time."""
         ...
 
     def sft_step(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], *,

@@ -137,14 +137,19 @@ class LocalBackend:
                            generators=generators)
         return [Rollout(tuple(p), tuple(ids), tuple(lps), finished) for p, (ids, lps, finished) in zip(prompts, out)]
 
-    def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions from the student; EOS is included when produced."""
+    def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
+                        batch_size: int | None = None) -> list[list[int]]:
+        """Greedy completions from the student; EOS is included when produced. `batch_size` bounds the
+        prompts per decoding batch (default: generation_batch_size)."""
         _positive_int("max_new_tokens", max_new_tokens)
+        if batch_size is not None:
+            _positive_int("batch_size", batch_size)
         prompts = _check_token_lists("prompt_ids", prompt_ids)
-        return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True)]
+        return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True,
+                                                  batch_size=batch_size)]
 
-    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None):
-        step = self.generation_batch_size or max(1, len(prompts))
+    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None, batch_size=None):
+        step = batch_size or self.generation_batch_size or max(1, len(prompts))
         results = []
         model = self.model
         was_training = model.training
