@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdft.io import atomic_write_text
+from sdft.io import atomic_write_text, fsync_dir
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng_state", "restore_rng_state"]
@@ -92,7 +92,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
                 handle.flush()
                 os.fsync(handle.fileno())
         atomic_write_text(tmp / "state.json", state_text + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run): move the old copy aside first
             old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{step:08d}_", dir=root))
             os.replace(final, old / final.name)
@@ -100,7 +100,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,20 +233,6 @@ def _remove_stale_temporaries(root: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _encode_bytes(tensor: torch.Tensor) -> str:

@@ -23,7 +23,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -38,7 +38,8 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort where directories cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
