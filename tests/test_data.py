@@ -184,6 +184,16 @@ def test_hf_dataset_folder_with_splits(tmp_path):
         load_hf_dataset(str(tmp_path / "dd"), "train", "q", "answer")
 
 
+def test_hf_single_dataset_folder_ignores_split(tmp_path):
+    folder = save_rows(tmp_path / "single", [{"question": "Capital of Italy?", "answer": "Rome"},
+                                            {"question": "Capital of Spain?", "answer": "Madrid"}])
+    examples = load_examples("hf", folder, split="train", question_field="question", answer_field="answer",
+                             system_prompt="Be brief.")
+    assert [e.answer for e in examples] == ["Rome", "Madrid"]
+    assert examples[1].messages == ({"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Capital of Spain?"})
+
+
 def test_hf_dataset_not_cached_offline_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="network access"):
         load_hf_dataset("sdft-tests/certainly-not-cached-dataset", "train", "q", "a")
@@ -271,6 +281,20 @@ def test_quickstart_files_load():
             assert row["verifier"]["kind"] == "in_process"
             assert row["verifier"]["fn_name"] in ("contains", "exact_match", "regex_match")
         assert len({row["task_id"] for row in rows}) == len(rows)
+
+
+def test_quickstart_files_are_what_the_generator_writes(tmp_path):
+    from sdft.datasets.quickstart import make_quickstart
+
+    make_quickstart.write(tmp_path)
+    for name in make_quickstart.build():
+        assert (tmp_path / name).read_text() == (QUICKSTART_DIR / name).read_text(), name
+    train = load_jsonl_examples(tmp_path / "train.jsonl")
+    heldout = load_jsonl_examples(tmp_path / "heldout.jsonl")
+    animal = lambda e: e.id.split("/")[1]  # noqa: E731
+    assert not {animal(e) for e in train} & {animal(e) for e in heldout}
+    for example in train + heldout:
+        assert example.demonstration.split(" is called ")[1].rstrip(".").split()[-1] == example.answer[0]
 
 
 @pytest.mark.skipif(not TOOLUSE_EVAL.is_dir(), reason=f"shared data folder {TOOLUSE_EVAL} is absent")
