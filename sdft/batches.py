@@ -13,7 +13,7 @@ from sdft.prompts import render_prompt_ids, student_messages, teacher_messages
 @dataclass(frozen=True)
 class EncodedExample:
     """A PromptExample with its token ids: the student prompt, the teacher prompt (prompt + demonstration
-    in context) and the SFT target (the demonstration followed by EOS)."""
+    in context) and the SFT target (`example.target`, normally the demonstration, followed by EOS)."""
 
     example: PromptExample
     student_ids: tuple[int, ...]
@@ -27,7 +27,7 @@ def encode_examples(tokenizer, examples: Sequence[PromptExample], *, template: s
     eos = tokenizer.eos_token_id
     encoded = []
     for example in examples:
-        target = tokenizer(example.demonstration, add_special_tokens=False)["input_ids"]
+        target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
         encoded.append(EncodedExample(
             example=example,
             student_ids=tuple(render_prompt_ids(tokenizer, student_messages(example), max_prompt_tokens)),
