@@ -101,6 +101,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that idle workers hold little more
+    than their model while another column runs; the peak RSS is unaffected."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the process's peak RSS to its current RSS (Linux: write 5 to /proc/self/clear_refs)."""
     try:
@@ -431,7 +444,9 @@ def serve_worker(column: str, args) -> None:
         for line in sys.stdin:
             command, _, payload = line.strip().partition(" ")
             if command == "step":
-                reply("result", worker.step(**json.loads(payload or "{}")))
+                result = worker.step(**json.loads(payload or "{}"))
+                _release_memory()
+                reply("result", result)
             elif command == "finish":
                 reply("final", worker.finish())
                 return
@@ -522,6 +537,12 @@ def format_table(summaries: dict[str, dict], notes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(steps: dict[str, list[dict]], numerator: str, denominator: str) -> list[float]:
+    """Step-time ratio numerator / denominator of every timed round that both columns completed."""
+    pairs = zip(steps.get(numerator, []), steps.get(denominator, []))
+    return [a["total_s"] / b["total_s"] for a, b in pairs]
+
+
 def ratios(summaries: dict[str, dict]) -> dict[str, float]:
     """Step-time ratios of the median steps (and TRL's per completion token)."""
     out, sdft = {}, summaries.get("sdft")
@@ -534,6 +555,13 @@ def ratios(summaries: dict[str, dict]) -> dict[str, float]:
         out["trl/sdft"] = summaries["trl"]["total_s"] / sdft["total_s"]
         out["trl/sdft per completion token"] = sdft["completion_tok_s"] / summaries["trl"]["completion_tok_s"]
     return out
+
+
+def load_average() -> str:
+    try:
+        return "load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def machine(threads: int | None) -> str:
@@ -558,12 +586,15 @@ def _drop(workers: dict, column: str, keep: bool = False) -> None:
 
 def run_benchmark(args) -> dict:
     """Start every column, run the warm-up and timed rounds in lockstep, print and return the results:
-    {"summaries", "notes", "ratios", "table", "steps", "memory", "settings"}."""
+    {"summaries", "notes", "ratios", "round_ratios", "table", "steps", "memory", "settings"}."""
     start = time.perf_counter()
     settings = (f"{args.model}, {args.prompts} prompts x {args.new_tokens} new tokens, LoRA rank {args.lora_rank}, "
                 f"fp32, {args.targets} forward KL, {args.teacher} teacher, {args.warmup} warm-up + {args.repeats} "
                 f"timed steps per column; data: {data_source(args)}; {machine(args.threads)}")
-    print(f"bench_step: {settings}", flush=True)
+    print(f"bench_step: {settings}; {load_average()} at the start", flush=True)
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5 and not args.threads:
+        print("note: the machine is busy; torch threads oversubscribed by other processes can slow every column "
+              "many times over: consider --threads 1", flush=True)
     workers, notes, steps, memory = {}, {}, {}, {}
     for column in args.columns:
         if column == "trl":
@@ -636,15 +667,20 @@ def run_benchmark(args) -> dict:
     if "trl/sdft" in rows:
         print(f"TRL SDFTTrainer / SDFT step time: {rows['trl/sdft']:.2f}x "
               f"({rows['trl/sdft per completion token']:.2f}x per completion token)")
+    per_round = {}
+    for numerator, denominator in (("sdft", "sft"), ("sdft", "sft_len"), ("trl", "sdft")):
+        if numerator in summaries and denominator in summaries:
+            per_round[f"{numerator}/{denominator}"] = values = round_ratios(steps, numerator, denominator)
+            print(f"{numerator}/{denominator} round by round: " + ", ".join(f"{r:.2f}x" for r in values))
     for column, note in notes.items():
         print(f"{COLUMN_TITLES[column]}: {note}")
     if any(not m.get("peak_reset", True) for m in memory.values()):
         print("note: the peak RSS could not be reset after loading; peaks may include the loading transient")
     if args.in_process and len(summaries) > 1:
         print("note: --in-process: all columns share one process, so a peak RSS rise includes earlier columns")
-    print(f"total benchmark time {time.perf_counter() - start:.0f} s", flush=True)
-    out = {"summaries": summaries, "notes": notes, "ratios": rows, "table": table, "steps": steps,
-           "memory": memory, "settings": settings}
+    print(f"total benchmark time {time.perf_counter() - start:.0f} s; {load_average()} at the end", flush=True)
+    out = {"summaries": summaries, "notes": notes, "ratios": rows, "round_ratios": per_round, "table": table,
+           "steps": steps, "memory": memory, "settings": settings}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

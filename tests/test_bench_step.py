@@ -46,6 +46,7 @@ def test_in_process_without_trl(bench_step, tiny_model_dir, capsys):
     assert len(lengths) == 2 and sum(lengths) == sdft["completion_tokens"]
     assert out["summaries"]["sft_len"]["completion_tokens"] == sum(max(1, n) for n in lengths)
     assert set(out["ratios"]) == {"sdft/sft", "sdft/sft_len"} and all(r > 0 for r in out["ratios"].values())
+    assert out["round_ratios"]["sdft/sft_len"] == [pytest.approx(out["ratios"]["sdft/sft_len"])]
     printed = capsys.readouterr().out
     assert out["table"] in printed and "SDFT / SFT step time" in printed
 
