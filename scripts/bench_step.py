@@ -29,6 +29,7 @@ loaded (the peak is reset at that point where /proc/self/clear_refs allows it).
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import json
@@ -207,7 +208,7 @@ def bench_examples(args):
 
 
 # ------------------------------------------------------------------------------------------- columns
-class Column:
+class Column(abc.ABC):
     """One trainer at the benchmark's settings: `step(**extra)` runs and times one optimizer step,
     `finish()` returns the memory figures. The model is loaded here and the peak RSS reset after it."""
 
@@ -231,8 +232,9 @@ class Column:
         self.loaded_rss = _rss_bytes()
         self.steps_done = 0
 
+    @abc.abstractmethod
     def step(self, **extra) -> dict:
-        raise NotImplementedError
+        """Run one timed step of this column; returns its measurements."""
 
     def finish(self) -> dict:
         return {"loaded_rss_mib": self.loaded_rss / 2**20,
@@ -617,6 +619,7 @@ def run_benchmark(args) -> dict:
         print(f"  {COLUMN_TITLES[column]}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     try:
+last_sdft: dict = {}  # the SDFT column runs first in every round
         for round_index in range(args.warmup + args.repeats):
             others = [c for c in COLUMNS if c in workers and c != "sdft"]
             shift = round_index % max(1, len(others))

@@ -14,9 +14,11 @@ under torch.no_grad(); the student configuration is restored on exit.
 """
 from __future__ import annotations
 
+import abc
+
 import copy
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -79,7 +81,7 @@ class _Mirror:
                 self.master[name].copy_(value)
 
 
-class Teacher:
+class Teacher(abc.ABC):
     """Common interface: `active()`, `update(step)`, `state_tensors()`, `load_state_tensors()`."""
 
     def __init__(self, mode: str, ema_alpha: float, sync_every: int | None):
@@ -116,9 +118,9 @@ class Teacher:
             return
         self._mirror.load_state_tensors(state)
 
-    @contextmanager
-    def active(self) -> Iterator[nn.Module]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def active(self) -> ContextManager[nn.Module]:
+        """A context in which the model computes as the teacher (eval mode, no grad)."""
 
 
 class LoraTeacher(Teacher):
