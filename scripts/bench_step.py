@@ -618,8 +618,8 @@ def run_benchmark(args) -> dict:
         steps[column] = []
         print(f"  {COLUMN_TITLES[column]}: ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    last_sdft: dict = {}  # the SDFT column runs first in every round
     try:
-last_sdft: dict = {}  # the SDFT column runs first in every round
         for round_index in range(args.warmup + args.repeats):
             others = [c for c in COLUMNS if c in workers and c != "sdft"]
             shift = round_index % max(1, len(others))
