@@ -150,6 +150,8 @@ def _family(tag: str) -> str:
         return "pass@1" if name == "pass@1" else name
     if "entropy" in name:
         return "entropy"
+    if name.endswith("_tokens"):  # counts such as loss_tokens get their own panel
+        return name
     if "loss" in name or "kl" in name.split("_") or name.startswith("kl"):
         return "loss / KL"
     return name

@@ -15,12 +15,11 @@ from typing import Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
+from sdft.losses._checks import IMPLS, TOPK_KINDS, TOPK_NORMALIZE
+from sdft.losses._checks import KL_KINDS as DIVERGENCE_KINDS
+
 TARGET_KINDS = ("full", "topk", "sampled")
-DIVERGENCE_KINDS = ("forward", "reverse", "jsd")
-TOPK_NORMALIZE = ("renormalize", "tail")
-TOPK_KINDS = ("cross_entropy", "forward_kl")
-REDUCTIONS = ("seq_mean", "token_mean", "sum")
-IMPLS = ("auto", "reference", "chunked", "triton")
+REDUCTIONS = ("seq_mean", "token_mean", "sum")  # the batch-level reductions a train step offers
 
 
 @dataclass(frozen=True)
