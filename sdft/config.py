@@ -115,7 +115,7 @@ class LossConfig(_Section):
     beta: float = _field(0.5, ge=0, le=1)  # teacher weight of the JSD mixture
     topk: int = _field(20, ge=1)
     topk_normalize: Literal["renormalize", "tail"] = "renormalize"
-    topk_kind: Literal["cross_entropy", "forward_kl"] = "cross_entropy"
+    topk_kind: Literal["cross_entropy", "forward_kl", "reverse_kl"] = "cross_entropy"  # reverse_kl: renormalize only
     reduction: Literal["seq_mean", "token_mean", "sum"] = "seq_mean"
     skip_first_n_tokens: int = _field(3, ge=0)
     temperature: float = _field(1.0, gt=0)
@@ -206,8 +206,12 @@ class CheckpointConfig(_Section):
 class BackendConfig(_Section):
     kind: Literal["local", "tinker"] = "local"
     tinker_base_model: Optional[str] = None  # required when kind=tinker
+    # remote: the Tinker API (TINKER_API_KEY); offline: sdft's in-process stand-in running model.name locally
+    tinker_service: Literal["remote", "offline"] = "remote"
     tinker_lora_rank: int = _field(32, ge=1)
-    max_retries: int = _field(5, ge=0)
+    tinker_train_unembed: bool = True  # LoRA on the output layer too (the SDK's default)
+    max_retries: int = _field(5, ge=0)  # retries of an idempotent Tinker request after a transient error
+    retry_backoff_s: float = _field(1.0, ge=0)  # first retry delay, doubled after every failed attempt
 
 
 @dataclass(frozen=True)
@@ -621,6 +625,12 @@ def validate_config(config: Config) -> None:
                  "use student.mode=lora")
         if not backend.tinker_base_model:
             fail("backend.kind=tinker needs backend.tinker_base_model (the Tinker base model name)")
+        if loss.temperature != 1.0:
+            fail(f"backend.kind=tinker with loss.temperature={loss.temperature}: Tinker scores teacher and student "
+                 "log-probs at temperature 1 only; allowed: loss.temperature=1.0")
+    if loss.topk_kind == "reverse_kl" and loss.topk_normalize != "renormalize":
+        fail(f"loss.topk_kind=reverse_kl compares the renormalized top-K distributions; got "
+             f"loss.topk_normalize={loss.topk_normalize}, allowed: loss.topk_normalize=renormalize")
     names = [benchmark.name for benchmark in config.eval.benchmarks]
     for index, benchmark in enumerate(config.eval.benchmarks):
         key = f"eval.benchmarks[{index}]"

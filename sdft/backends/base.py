@@ -17,8 +17,10 @@ import torch
 
 from sdft.losses._checks import IMPLS, TOPK_KINDS, TOPK_NORMALIZE
 from sdft.losses._checks import KL_KINDS as DIVERGENCE_KINDS
+from sdft.losses.reference import topk_teacher_weights
 
 TARGET_KINDS = ("full", "topk", "sampled")
+TOPK_LOSS_KINDS = TOPK_KINDS + ("reverse_kl",)  # reverse_kl: computed by the backends, see topk_loss_from_logprobs
 REDUCTIONS = ("seq_mean", "token_mean", "sum")  # the batch-level reductions a train step offers
 
 
@@ -71,7 +73,7 @@ class LossSpec:
 
     targets: "full" (full-vocabulary divergence `kind` in forward/reverse/jsd with `beta`, local backend
       only), "topk" (teacher top-`topk` log-probs, `topk_normalize` in renormalize/tail, `topk_kind` in
-      cross_entropy/forward_kl) or "sampled" (sampled-token importance-sampling loss, the topk=0 fallback).
+      cross_entropy/forward_kl/reverse_kl, the last with renormalize only, see `topk_loss_from_logprobs`) or "sampled" (sampled-token importance-sampling loss, the topk=0 fallback).
     temperature: p = softmax(z / temperature) for teacher and student.
     skip_first_n_tokens: the first n completion tokens of every rollout get no loss.
     reduction over the whole optimizer batch: "seq_mean" (token mean per sequence, then mean over all
@@ -100,7 +102,10 @@ class LossSpec:
         _choice("targets", self.targets, TARGET_KINDS)
         _choice("kind", self.kind, DIVERGENCE_KINDS)
         _choice("topk_normalize", self.topk_normalize, TOPK_NORMALIZE)
-        _choice("topk_kind", self.topk_kind, TOPK_KINDS)
+        _choice("topk_kind", self.topk_kind, TOPK_LOSS_KINDS)
+        if self.topk_kind == "reverse_kl" and self.topk_normalize != "renormalize":
+            raise ValueError(f"topk_kind='reverse_kl' needs topk_normalize='renormalize' (the reverse KL between "
+                             f"the renormalized top-K distributions); got topk_normalize={self.topk_normalize!r}")
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("impl", self.impl, IMPLS)
         if not (isinstance(self.beta, (int, float)) and 0 <= self.beta <= 1):
@@ -206,6 +211,56 @@ class Backend(Protocol):
 
     def load_optimizer_state(self, state: dict) -> None:
         ...
+
+
+def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                            *, vocab_size: int, normalize: str, kind: str) -> torch.Tensor:
+    """Per-token top-K loss [N] from the student's log-probabilities at the teacher's top-K ids.
+
+    student_logprobs [N, K]: log p_s(id_k), normalized over the FULL vocabulary (for kind="reverse_kl" any
+    per-row constant may be added, e.g. the student logits at the ids may be passed). topk_ids [N, K]:
+    slots with id < 0 or >= vocab_size are invalid and ignored. teacher_logprobs [N, K]. The teacher
+    weights q (and q_tail) are those of `sdft.losses.reference.topk_teacher_weights`.
+      cross_entropy: -sum_k q_k log p_s(id_k)    forward_kl: sum_k q_k (log q_k - log p_s(id_k))
+        (tail adds the bucket -q_tail log s_tail, resp. q_tail (log q_tail - log s_tail), with
+        s_tail = 1 - sum_k p_s(id_k)): the same values as `sdft.losses.topk_distill_loss`.
+      reverse_kl (renormalize only): with p~ = softmax over the valid slots of the student log-probs,
+        sum_k p~_k (log p~_k - log q_k), the reverse KL between the two renormalized top-K distributions.
+    A row without a valid slot gives 0. Computed in float32 (float64 for float64 student inputs).
+    """
+    if kind not in TOPK_LOSS_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TOPK_LOSS_KINDS)}; got {kind!r}")
+    if kind == "reverse_kl" and normalize != "renormalize":
+        raise ValueError(f"kind='reverse_kl' needs normalize='renormalize', got {normalize!r}")
+    dtype = torch.float64 if student_logprobs.dtype == torch.float64 else torch.float32
+    lp = student_logprobs.to(dtype)
+    valid, q, q_tail = topk_teacher_weights(topk_ids, teacher_logprobs, vocab_size, normalize)
+    q, q_tail = q.to(dtype), q_tail.to(dtype)
+    zero = torch.zeros_like(lp)
+    any_valid = valid.any(dim=-1)
+    if kind == "reverse_kl":
+        masked = torch.where(valid, lp, torch.full_like(lp, -math.inf))
+        lse = torch.logsumexp(torch.where(any_valid[:, None], masked, zero), dim=-1, keepdim=True)
+        log_p = torch.where(valid, lp - lse, zero)
+        p = torch.where(valid, log_p.exp(), zero)
+        log_q = torch.log(torch.where(q > 0, q, torch.ones_like(q)))
+        per_token = torch.where(valid & (q > 0), p * (log_p - log_q), zero).sum(-1)
+        return torch.where(any_valid, per_token, torch.zeros_like(per_token))
+    safe_lp = torch.where(valid, lp, zero)
+    per_token = -torch.where(q > 0, q * safe_lp, zero).sum(-1)
+    if kind == "forward_kl":
+        per_token = per_token + torch.where(q > 0, q * torch.log(torch.where(q > 0, q, torch.ones_like(q))),
+                                            zero).sum(-1)
+    if normalize == "tail":
+        mass = torch.where(valid, safe_lp.exp(), zero).sum(-1)
+        log_tail = torch.log1p(-mass.clamp(max=1.0 - torch.finfo(dtype).eps))
+        has_tail = q_tail > 0
+        safe_q_tail = torch.where(has_tail, q_tail, torch.ones_like(q_tail))
+        tail = -q_tail * log_tail
+        if kind == "forward_kl":
+            tail = tail + q_tail * torch.log(safe_q_tail)
+        per_token = per_token + torch.where(has_tail, tail, torch.zeros_like(tail))
+    return per_token
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:

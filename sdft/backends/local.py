@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
-                                Targets, TopKTargets)
+                                Targets, TopKTargets, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
 from sdft.optim import build_optimizer, build_schedule
@@ -167,53 +167,9 @@ class LocalBackend:
     def _decode_batch(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None):
         """Left-padded KV-cache decoding of one batch; returns (ids, logprobs, finished) per prompt.
         `generators`: one per prompt (per-prompt random streams), else the backend's shared generator."""
-        causal_lm = self._causal_lm()
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=self.device)
-        attention = torch.zeros((batch, width), dtype=torch.long, device=self.device)
-        for b, prompt in enumerate(prompts):
-            input_ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            attention[b, width - len(prompt):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
-        out = causal_lm(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                        logits_to_keep=1)
-        next_pos = positions[:, -1:] + 1
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        tokens, logprobs, alive = [], [], []
-        for t in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if greedy:
-                token = logits.argmax(-1)
-                token_lp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-            else:
-                lp = _sampling_logprobs(logits, temperature, top_p)
-                probs = lp.exp()
-                if generators is None:
-                    token = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
-                else:
-                    token = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
-                token_lp = lp.gather(-1, token[:, None])[:, 0]
-            alive.append(~done)
-            token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-            tokens.append(token)
-            logprobs.append(token_lp)
-            done = done | torch.isin(token, eos)
-            if t == max_new_tokens - 1 or bool(done.all()):
-                break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            out = causal_lm(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                            past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
-        tokens = torch.stack(tokens, 1).tolist()
-        logprobs = torch.stack(logprobs, 1).tolist()
-        alive = torch.stack(alive, 1).tolist()
-        finished = done.tolist()
-        results = []
-        for b in range(batch):
-            n = sum(alive[b])
-            results.append((tokens[b][:n], [float(x) for x in logprobs[b][:n]], bool(finished[b])))
-        return results
+        return decode_batch(self._causal_lm(), prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, greedy=greedy, pad_token_id=self.pad_token_id,
+                            eos_token_ids=self.eos_token_ids, generator=self.generator, generators=generators)
 
     # ------------------------------------------------------------------------------- hidden states
     def _completion_hidden(self, causal_lm, prompts, completions) -> torch.Tensor:
@@ -369,6 +325,11 @@ class LocalBackend:
                     hidden, weight, teacher_hidden, targets.weight.to(self.device), kind=spec.kind,
                     beta=spec.beta, mask=mask, reduction="none", student_bias=bias,
                     teacher_bias=None if targets.bias is None else targets.bias.to(self.device), **kw)
+            elif spec.targets == "topk" and spec.topk_kind == "reverse_kl":
+                per_token = _topk_reverse_kl(
+                    hidden, weight, bias, torch.cat([targets.ids[i] for i in idx]).to(self.device),
+                    torch.cat([targets.logprobs[i] for i in idx]).to(self.device), mask,
+                    temperature=spec.temperature)
             elif spec.targets == "topk":
                 per_token = fused_linear_topk_distill_loss(
                     hidden, weight, torch.cat([targets.ids[i] for i in idx]).to(self.device),
@@ -503,6 +464,68 @@ class LocalBackend:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float, top_p: float, greedy: bool, pad_token_id: int, eos_token_ids: Sequence[int],
+                 generator: torch.Generator | None = None,
+                 generators: Sequence[torch.Generator] | None = None) -> list[tuple[list[int], list[float], bool]]:
+    """Left-padded KV-cache decoding of one batch of prompts with `causal_lm` (call under torch.no_grad(),
+    in eval mode); returns (completion ids, sampler log-probs, finished) per prompt.
+
+    greedy: argmax, log-probs of softmax(z); otherwise a draw from softmax(z / temperature) restricted to
+    the top_p nucleus, log-probs under that distribution. `generators` gives prompt b its own random
+    stream (results then do not depend on batching), else `generator` is shared. A prompt is finished
+    when it produced one of `eos_token_ids` (included in its ids); positions after that are dropped.
+    """
+    device = next(causal_lm.parameters()).device
+    pad, eos_ids = int(pad_token_id), [int(i) for i in eos_token_ids]
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention[b, width - len(prompt):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    out = causal_lm(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs, alive = [], [], []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+            token_lp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+        else:
+            lp = _sampling_logprobs(logits, temperature, top_p)
+            probs = lp.exp()
+            if generators is None:
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                token = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+            token_lp = lp.gather(-1, token[:, None])[:, 0]
+        alive.append(~done)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        tokens.append(token)
+        logprobs.append(token_lp)
+        done = done | torch.isin(token, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = causal_lm(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    tokens = torch.stack(tokens, 1).tolist()
+    logprobs = torch.stack(logprobs, 1).tolist()
+    alive = torch.stack(alive, 1).tolist()
+    finished = done.tolist()
+    results = []
+    for b in range(batch):
+        n = sum(alive[b])
+        results.append((tokens[b][:n], [float(x) for x in logprobs[b][:n]], bool(finished[b])))
+    return results
+
+
 def _sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """log-softmax(z / T) [B, V] restricted to the smallest set of most likely tokens whose probability
     reaches top_p (the rest get -inf), renormalized."""
@@ -516,6 +539,29 @@ def _sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return torch.log_softmax(scaled, -1)
+
+
+def _topk_reverse_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, topk_ids: torch.Tensor,
+                     topk_logprobs: torch.Tensor, mask: torch.Tensor, *, temperature: float,
+                     chunk_rows: int = 1024) -> torch.Tensor:
+    """Reverse KL between the renormalized top-K distributions (`topk_loss_from_logprobs`, kind reverse_kl)
+    from hidden [N, H] and the output layer [V, H]: only the student logits at the K ids are needed
+    (z_k = h . W[id_k] + b[id_k], over temperature), since the renormalization cancels the log-partition.
+    Rows are processed `chunk_rows` at a time ([chunk, K, H] gathered weights); masked rows give 0. [N]."""
+    v = weight.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        ids = topk_ids[rows]
+        safe = torch.where((ids >= 0) & (ids < v), ids, torch.zeros_like(ids)).long()
+        logits = torch.einsum("nh,nkh->nk", hidden[rows].to(dtype), weight[safe].to(dtype))
+        if bias is not None:
+            logits = logits + bias[safe].to(dtype)
+        per_token = topk_loss_from_logprobs(logits / temperature, ids, topk_logprobs[rows], vocab_size=v,
+                                            normalize="renormalize", kind="reverse_kl")
+        out.append(torch.where(mask[rows], per_token, torch.zeros_like(per_token)))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=dtype)
 
 
 def _truncated_is_weight(train_lp, sampler_lp, mask, seq, n_seq, clip) -> torch.Tensor:
