@@ -747,10 +747,11 @@ class _Failed:
 
 
 def _resolve(value):
-    """The result of an SDK future (APIFuture or concurrent Future); other values unchanged."""
+    """The result of a future (an SDK APIFuture, a concurrent Future, anything with .result()); other
+    values (a client returned directly by an older SDK) unchanged."""
     if isinstance(value, _Failed):
         raise value.error
-    if isinstance(value, (tinker.APIFuture, Future)):
+    if isinstance(value, (tinker.APIFuture, Future)) or callable(getattr(value, "result", None)):
         return value.result()
     return value
 
