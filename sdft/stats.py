@@ -64,9 +64,37 @@ def paired_difference_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: 
     return _bootstrap(left - right, confidence, n_resamples, seed)
 
 
-def _bootstrap(matrix: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float, float]:
-    """matrix: [seeds, items] float64. Counts-based resampling: a draw is a multinomial count vector."""
+def paired_ratio_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: int = 10000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Paired bootstrap interval for mean(a) / mean(b) (e.g. retention = accuracy after / before);
+    returns (ratio, low, high), NaN where mean(b) is 0. Alignment and resampling as `paired_difference_ci`.
+    Resamples where mean(b) is 0 are dropped from the interval."""
+    left, right = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if left.shape != right.shape:
+        raise ValueError(f"paired_ratio_ci: a has shape {np.shape(a)} and b has shape {np.shape(b)}; "
+                         "they must be equal (the same seeds and items, aligned)")
     _check_confidence(confidence)
+    if right.mean() == 0:
+        return float("nan"), float("nan"), float("nan")
+    top, bottom = _resampled_means(left, n_resamples, seed), _resampled_means(right, n_resamples, seed)
+    keep = bottom > 0
+    alpha = 1.0 - confidence
+    low, high = np.quantile(top[keep] / bottom[keep], [alpha / 2, 1 - alpha / 2])
+    return float(left.mean() / right.mean()), float(low), float(high)
+
+
+def _bootstrap(matrix: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float, float]:
+    """matrix: [seeds, items] float64; (mean, low, high) of the percentile bootstrap."""
+    _check_confidence(confidence)
+    means = _resampled_means(matrix, n_resamples, seed)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(matrix.mean()), float(low), float(high)
+
+
+def _resampled_means(matrix: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """[R] bootstrap means of a [seeds, items] matrix. Counts-based resampling: a draw is a multinomial
+    count vector; the draws depend only on the shape and `seed`, so two aligned matrices get the same."""
     if not isinstance(n_resamples, Integral) or isinstance(n_resamples, bool) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     n_seeds, n_items = matrix.shape
@@ -78,9 +106,7 @@ def _bootstrap(matrix: np.ndarray, confidence: float, n_resamples: int, seed: in
         means = (seed_counts * per_seed).sum(axis=1) / n_seeds                                  # [R]
     else:
         means = per_seed[:, 0]
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(matrix.mean()), float(low), float(high)
+    return means
 
 
 def _as_matrix(values: Any, name: str) -> np.ndarray:

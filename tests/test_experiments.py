@@ -1,0 +1,204 @@
+"""The experiment runners: specs and presets, task splits, resumable cells, ablation and continual-learning
+reports, run end to end on a tiny model (real training, evaluation, export and reload)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdft.experiments.ablation import run_ablation
+from sdft.experiments.cells import RESULT_FILE
+from sdft.experiments.cli import parse_selection
+from sdft.experiments.continual import run_continual
+from sdft.experiments.spec import load_spec
+from sdft.experiments.splits import prepare_task
+from sdft.stats import paired_ratio_ci
+from tests.test_data import save_rows, tooluse_row
+
+APIS = ["Alpha", "Beta", "Gamma", "Delta"]
+
+
+def _write_tasks(folder: Path) -> tuple[Path, Path]:
+    tool = [tooluse_row(api, f"do thing {i} with {api}", [(f"get{api}", {"n": i})], None)
+            for api in APIS for i in range(3)]
+    system = {"role": "system", "content": "Answer with <answer>X</answer>."}
+    science = [{"prompt": [system, {"role": "user", "content": f"Question {i}? A: a B: b C: c D: d"}],
+                "answer": "ABCD"[i % 4]} for i in range(10)]
+    return save_rows(folder / "tool", tool), save_rows(folder / "sci", science)
+
+
+def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
+    tool, sci = _write_tasks(tmp_path)
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text("\n".join([
+        f"model: {{name: {model_dir}}}",
+        "student: {mode: lora, lora_rank: 4}",
+        "teacher: {mode: static}",
+        "loss: {skip_first_n_tokens: 1}",
+        "optim: {lr: 1.0e-3, schedule: constant, warmup_ratio: 0.0, batch_size: 2, micro_batch_size: 2, max_steps: 1}",
+        "generation: {max_new_tokens: 6, batch_size: 4}",
+        "data: {kind: tooluse, path: unused}",
+        "logging: {tensorboard: false, progress: false}",
+        "checkpoint: {every: 1}",
+    ]) + "\n")
+    tasks = (f"tasks:\n"
+             f"  tool: {{title: Tool, kind: tooluse, path: {tool}, split: api, test_fraction: 0.25, "
+             f"benchmark: {{max_new_tokens: 4}}}}\n"
+             f"  sci: {{title: Sci, kind: science, path: {sci}, split: random, test_fraction: 0.3, "
+             f"benchmark: {{max_new_tokens: 3, mcq_mode: lenient}}}}\n")
+    if kind == "ablation":
+        body = ("name: abl\ntrain_task: tool\nreference: topk\ncolumns: {kl: KL, ema: EMA}\n" + tasks +
+                "methods:\n"
+                "  topk: {kl: Top-K, ema: 'no', overrides: [loss.targets=topk, loss.topk=5]}\n"
+                "  full_ema: {kl: Full, ema: 'yes', overrides: [loss.targets=full, teacher.mode=ema]}\n"
+                "  sft: {kl: SFT, ema: n/a, overrides: [algorithm=sft]}\n"
+                "seeds: [0, 1]\n"
+                "presets:\n  small: {methods: [topk, sft], notes: [small preset]}\n")
+    else:
+        body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\n" + tasks +
+                "methods:\n"
+                "  sft: {label: SFT, overrides: [algorithm=sft]}\n"
+                "  sdft_topk: {label: SDFT top-K, overrides: [loss.targets=topk, loss.topk=5]}\n"
+                "seeds: [0]\n")
+    spec = tmp_path / f"{kind}.yaml"
+    spec.write_text(f"config: {run_config}\n" + body)
+    return spec
+
+
+class CountingTrain:
+    def __init__(self):
+        from sdft.runner import train_from_config
+        self.inner, self.calls = train_from_config, []
+
+    def __call__(self, config, **kwargs):
+        self.calls.append(config.run_name)
+        return self.inner(config, **kwargs)
+
+
+def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
+    spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "ablation"), "small")
+    assert spec.name == "abl_small" and list(spec.methods) == ["topk", "sft"] and spec.notes == ["small preset"]
+    train, lines = CountingTrain(), []
+    table = run_ablation(spec, results_dir=tmp_path / "results", train_fn=train, log=lines.append, command="cmd")
+    assert train.calls == ["base", "topk_seed0", "topk_seed1", "sft_seed0", "sft_seed1"]
+    root = tmp_path / "results" / "abl_small"
+    text = table.read_text()
+    for needle in ("| KL | EMA | Tool | Sci |", "| Base model | n/a |", "| Top-K | no |", "| SFT | n/a |",
+                   "Paired difference vs Top-K / no", "small preset", "split by 'api'", "`cmd`"):
+        assert needle in text, needle
+    assert (root / "bars.png").stat().st_size > 0
+    result = json.loads((root / "cells" / "sft_seed1" / RESULT_FILE).read_text())
+    assert result["meta"] == {"method": "sft", "seed": 1} and set(result["scores"]) == {"tool", "sci"}
+    assert len(result["scores"]["tool"]) == 3 and len(result["scores"]["sci"]) == 3  # 1 of 4 APIs, 30% of 10
+    assert any(line.startswith("[cell 2/5] topk_seed0") and "time left" in line for line in lines)
+    seed0 = (root / "cells" / "topk_seed0" / "config.yaml").read_text()
+    assert "seed: 0" in seed0 and "resume: true" in seed0 and "topk: 5" in seed0
+    assert "before_training: false" in seed0
+
+    # a rerun trains nothing; a removed result reruns only that cell (resuming from its checkpoint)
+    again = CountingTrain()
+    run_ablation(spec, results_dir=tmp_path / "results", train_fn=again, log=lines.append)
+    assert again.calls == []
+    (root / "cells" / "sft_seed0" / RESULT_FILE).unlink()
+    run_ablation(spec, results_dir=tmp_path / "results", train_fn=again, log=lines.append)
+    assert again.calls == ["sft_seed0"]
+    assert table.read_text().count("| SFT | n/a |") == 4  # accuracy, per seed, vs reference, vs base
+
+
+def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, tiny_model_dir):
+    spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "continual"))
+    train = CountingTrain()
+    tables = run_continual(spec, results_dir=tmp_path / "results", train_fn=train, log=lambda _: None)
+    assert train.calls == ["base", "s1_sft_lr0.001_seed0", "s1_sdft_topk_lr0.001_seed0",
+                           "s2_sft_lr0.001_seed0", "s2_sdft_topk_lr0.001_seed0"]
+    cells = tmp_path / "results" / "cl" / "cells"
+    export = cells / "s1_sdft_topk_lr0.001_seed0" / "export"
+    assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
+    stage2 = (cells / "s2_sdft_topk_lr0.001_seed0" / "config.yaml").read_text()
+    assert f"name: {export}" in stage2 and "kind: science" in stage2
+    text = tables.read_text()
+    for needle in ("## Stage 1: train on Tool, evaluate both tasks", "## Stage 2: train on Sci",
+                   "| Method | LR | Tool | Sci | Sci Δ vs base |", "| Method | LR | Tool | Sci | Tool retention |",
+                   "| SDFT top-K | 0.001 |", "| Base model |"):
+        assert needle in text, needle
+    assert (tables.parent / "stages.png").stat().st_size > 0
+
+
+def test_exported_lora_student_equals_the_trained_model(tmp_path, tiny_model_dir):
+    """The merged export computes the same logits as the LoRA student it came from."""
+    import torch
+
+    from sdft.build import build_local_backend
+    from sdft.checkpoint import latest_checkpoint, load_checkpoint
+    from sdft.config import load_config
+    from sdft.export import export_student
+    from sdft.models import load_model_and_tokenizer
+
+    spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "continual"))
+    run_continual(spec, results_dir=tmp_path / "results", methods=["sdft_topk"], stages=[1], log=lambda _: None)
+    run_dir = tmp_path / "results" / "cl" / "cells" / "s1_sdft_topk_lr0.001_seed0"
+    out = export_student(run_dir, tmp_path / "exported")
+    config = load_config(run_dir / "config.yaml")
+    model, tokenizer = load_model_and_tokenizer(config.model.name)
+    backend = build_local_backend(config, model, tokenizer, steps=1)
+    backend.load_state_tensors(load_checkpoint(latest_checkpoint(run_dir)).tensors)
+    merged, _ = load_model_and_tokenizer(str(out))
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    with torch.no_grad():
+        want = backend.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        with backend.model.disable_adapter():
+            untrained = backend.model(input_ids=ids).logits
+    assert not torch.allclose(want, untrained, rtol=0, atol=1e-7)  # the step changed the student
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_task_splits_by_api_once(tmp_path):
+    task = load_spec(_write_spec(tmp_path, "unused", "ablation")).tasks["tool"]
+    first = prepare_task(task, tmp_path / "data")
+    from datasets import load_from_disk
+    train, test = load_from_disk(first.train), load_from_disk(first.test)
+    assert len(train) + len(test) == 12 and not set(train["name"]) & set(test["name"])
+    assert "test APIs (never trained on)" in first.note
+    stamp = (Path(first.test) / "dataset_info.json").stat().st_mtime_ns
+    assert prepare_task(task, tmp_path / "data") == first
+    assert (Path(first.test) / "dataset_info.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.replace("seeds: [0, 1]", "seeds: [zero]"), "'seeds'"),
+    (lambda s: s.replace("split: api", "split: bogus"), "tasks.tool.split"),
+    (lambda s: s.replace("overrides: [algorithm=sft]", "overrides: [algorithm]"), "methods.sft.overrides"),
+    (lambda s: s.replace("kind: science", "kind: poetry"), "tasks.sci.kind"),
+])
+def test_spec_errors_name_the_key(tmp_path, mutate, message):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(ValueError, match=message):
+        load_spec(path)
+
+
+def test_unknown_preset_and_selection_errors(tmp_path):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    with pytest.raises(ValueError, match="preset 'huge' is not defined; allowed: \\['small'\\]"):
+        load_spec(path, "huge")
+    with pytest.raises(ValueError, match="unknown key 'method'"):
+        parse_selection(["method=sft"], allowed=("methods",))
+    assert parse_selection(["methods=a, b"], allowed=("methods",)) == {"methods": ["a", "b"]}
+
+
+def test_bad_override_in_a_method_names_the_cell(tmp_path, tiny_model_dir):
+    path = _write_spec(tmp_path, tiny_model_dir, "ablation")
+    path.write_text(path.read_text().replace("loss.topk=5", "loss.topk=banana"))
+    with pytest.raises(ValueError, match="cell topk_seed0: .*loss.topk"):
+        run_ablation(load_spec(path), results_dir=tmp_path / "results", log=lambda _: None)
+
+
+def test_paired_ratio_ci():
+    rng = np.random.default_rng(0)
+    before = (rng.random((2, 200)) < 0.6).astype(float)
+    after = before * (rng.random((2, 200)) < 0.9)
+    ratio, low, high = paired_ratio_ci(after, before)
+    assert ratio == pytest.approx(after.mean() / before.mean())
+    assert low < ratio < high and 0.8 < low and high < 1.0
+    assert np.isnan(paired_ratio_ci(after, np.zeros_like(before))[0])
