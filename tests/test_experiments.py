@@ -1,5 +1,6 @@
 """The experiment runners: specs and presets, task splits, resumable cells, ablation and continual-learning
 reports, run end to end on a tiny model (real training, evaluation, export and reload)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,7 +103,11 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
     (root / "cells" / "sft_seed0" / RESULT_FILE).unlink()
     run_ablation(spec, results_dir=tmp_path / "results", train_fn=again, log=lines.append)
     assert again.calls == ["sft_seed0"]
-    assert table.read_text().count("| SFT | n/a |") == 4  # accuracy, per seed, vs reference, vs base
+    assert table.read_text().count("| SFT | n/a |") == 4
+    # a changed spec is not silently mixed with finished cells
+    changed = dataclasses.replace(spec, overrides=["optim.lr=0.5"])
+    with pytest.raises(ValueError, match=r"cell base: .* different config \(optim.lr: 0.001 -> 0.5\)"):
+        run_ablation(changed, results_dir=tmp_path / "results", train_fn=again, log=lines.append)  # accuracy, per seed, vs reference, vs base
 
 
 def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, tiny_model_dir):

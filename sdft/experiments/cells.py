@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sdft.config import Config
+from sdft.config import Config, config_to_dict, load_config
 from sdft.io import atomic_write_json
 
 RESULT_FILE = "cell.json"
@@ -98,6 +98,8 @@ def run_cells(cells: Sequence[Cell], *, log: Callable[[str], None] = print, **ru
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"cell names must be unique; repeated: {duplicates}")
+    for cell in cells:
+        check_unchanged(cell)
     results: dict[str, CellResult] = {}
     todo = [c for c in cells if read_result(c) is None]
     for cell in cells:
@@ -117,6 +119,30 @@ def run_cells(cells: Sequence[Cell], *, log: Callable[[str], None] = print, **ru
             + ", ".join(f"{b} {results[cell.name].accuracy(b):.1%}" for b in results[cell.name].scores))
         _release_memory()
     return results
+
+
+def check_unchanged(cell: Cell) -> None:
+    """A cell folder that already holds a run must have been made with the same config: otherwise its
+    results (or its checkpoints, on resume) would be mixed into a different experiment."""
+    stored = cell.folder / "config.yaml"
+    if not stored.is_file():
+        return
+    old, new = _flatten(config_to_dict(load_config(stored))), _flatten(config_to_dict(cell.config))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise ValueError(f"cell {cell.name}: {stored} was run with a different config ({shown}"
+                         f"{', ...' if len(changed) > 4 else ''}); delete {cell.folder} to rerun it with the new "
+                         "settings, or give the experiment another name or preset")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
 
 
 def _describe(meta: dict) -> str:
