@@ -75,9 +75,9 @@ def load_tokenizer(name_or_path: str, *, cache_dir=None):
     return tokenizer
 
 
-def _tinker_parts(config: Config, run_dir: Path):
-    """(tokenizer, service client or None) for backend.kind=tinker: offline serves model.name locally;
-    remote checks TINKER_API_KEY first and loads only the tokenizer."""
+def _tinker_parts(config: Config, run_dir: Path, device=None):
+    """(tokenizer, service client or None) for backend.kind=tinker: offline serves model.name locally (on
+    `device` when given); remote checks TINKER_API_KEY first and loads only the tokenizer."""
     from sdft.backends.local import DTYPES
     from sdft.models import load_model_and_tokenizer
 
@@ -86,6 +86,8 @@ def _tinker_parts(config: Config, run_dir: Path):
 
         model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
                                                     cache_dir=config.model.cache_dir)
+        if device is not None:
+            model.to(device)
         return tokenizer, build_offline_tinker_service(config, model, tokenizer, root=run_dir / "tinker_offline")
     from sdft.backends.tinker import require_api_key
 
@@ -155,7 +157,7 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
         if dist.world_size > 1:
             raise ValueError(f"backend.kind=tinker runs in one process (Tinker batches the work itself); got "
                              f"{dist.world_size} processes: launch scripts/train.py without accelerate")
-        tokenizer, service = _tinker_parts(config, run_dir)
+        tokenizer, service = _tinker_parts(config, run_dir, dist.device)
     else:
         model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
     data = load_run_data(config)
