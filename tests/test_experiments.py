@@ -207,3 +207,22 @@ def test_paired_ratio_ci():
     assert ratio == pytest.approx(after.mean() / before.mean())
     assert low < ratio < high and 0.8 < low and high < 1.0
     assert np.isnan(paired_ratio_ci(after, np.zeros_like(before))[0])
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("run_continual_learning.py", ["seeds=zero"], "seeds=zero: every value must be a int"),
+    ("run_continual_learning.py", ["stages=2"], "stages=2: allowed 1 or 1,2"),
+    ("run_continual_learning.py", ["methods=sft,dpo"], "\\['dpo'\\] not in"),
+    ("run_ablation.py", ["epochs=3"], "unknown key 'epochs'"),
+])
+def test_scripts_report_bad_selections(tmp_path, script, args, message):
+    import re
+    import subprocess
+    import sys
+
+    kind = "ablation" if script == "run_ablation.py" else "continual"
+    spec = _write_spec(tmp_path, "unused", kind)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / script), "--config", str(spec), *args],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr

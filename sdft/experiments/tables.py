@@ -85,12 +85,20 @@ def bar_chart(path: str | Path, groups: Mapping[str, Mapping[str, Interval]], *,
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("pass@1 (%), 95% CI")
         ax.set_title(titles[bench])
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    """Title, lay out and write the figure atomically (temporary file, then rename)."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    path.with_suffix(".tmp.png").replace(path)
+    tmp.replace(path)
     return path
 
 
@@ -115,10 +123,4 @@ def stage_plot(path: str | Path, series: Mapping[str, Sequence[Mapping[str, Inte
         ax.set_ylabel("pass@1 (%), 95% CI")
         ax.set_title(titles[bench])
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
-    plt.close(fig)
-    path.with_suffix(".tmp.png").replace(path)
-    return path
+    return _save(fig, path, title)
