@@ -73,7 +73,8 @@ class LossSpec:
 
     targets: "full" (full-vocabulary divergence `kind` in forward/reverse/jsd with `beta`, local backend
       only), "topk" (teacher top-`topk` log-probs, `topk_normalize` in renormalize/tail, `topk_kind` in
-      cross_entropy/forward_kl/reverse_kl, the last with renormalize only, see `topk_loss_from_logprobs`) or "sampled" (sampled-token importance-sampling loss, the topk=0 fallback).
+      cross_entropy/forward_kl/reverse_kl, the last with renormalize only, see `topk_loss_from_logprobs`)
+      or "sampled" (sampled-token importance-sampling loss, the topk=0 fallback).
     temperature: p = softmax(z / temperature) for teacher and student.
     skip_first_n_tokens: the first n completion tokens of every rollout get no loss.
     reduction over the whole optimizer batch: "seq_mean" (token mean per sequence, then mean over all

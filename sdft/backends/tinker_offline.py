@@ -40,15 +40,19 @@ Where it differs from the real service:
 - `SamplingParams.seed` seeds a torch.Generator per request and completions are decoded by
   `sdft.backends.local.decode_batch`, so a prompt sampled with seed s gives the same completion here as
   `LocalBackend.sample(..., seeds=[s])` decoding it alone (generation_batch_size=1).
-- Checkpoints are kept in memory and, when `root` is given, written under root/<run id>/weights/<name>/
-  (save_state: adapter + optimizer) and root/<run id>/sampler_weights/<name>/ (save_weights_for_sampler),
-  so that another process with the same root resumes from a `tinker://<run id>/weights/<name>` path.
+- Saved weights are kept in memory (the last few by path; a sampling client keeps its own snapshot) and,
+  when `root` is given, save_state writes its adapter + optimizer state to root/<run id>/weights/<name>/
+  together with the snapshots live sampling clients use (root/<run id>/sampler_weights/<name>/, e.g. a
+  sync teacher), so that another process with the same root resumes from the paths of a checkpoint.
+  Sampler snapshots are not otherwise written: one per optimizer step would fill the disk.
 """
 from __future__ import annotations
 
 import copy
 import json
 import threading
+import weakref
+from collections import OrderedDict
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -56,9 +60,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from sdft.backends.local import _eos_ids, _sampling_logprobs, decode_batch
+from sdft.backends.local import _check_plain_output_head, _eos_ids, _sampling_logprobs, decode_batch
 
 try:  # the SDK is an optional dependency: `pip install sdft[tinker]`
     from tinker import types
@@ -72,6 +77,7 @@ __all__ = ["OfflineServiceClient", "OfflineTrainingClient", "OfflineSamplingClie
 
 _LOSS_FNS = ("cross_entropy", "importance_sampling")
 _PATH_KINDS = ("weights", "sampler_weights")
+_KEPT_IN_MEMORY = 4  # payloads kept by path; live sampling clients hold their own
 
 
 def _future(fn: Callable[[], Any]) -> AwaitableConcurrentFuture:
@@ -98,6 +104,7 @@ class _Engine:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if not isinstance(forward_batch_size, int) or forward_batch_size < 1:
             raise ValueError(f"forward_batch_size must be an int >= 1, got {forward_batch_size!r}")
+        _check_plain_output_head(model)  # log-probs are log_softmax(head(hidden)), computed in row chunks
         self.model = model
         self.model.eval()
         self.tokenizer = tokenizer
@@ -114,7 +121,8 @@ class _Engine:
         self.generator.manual_seed(int(seed))
         self.lock = threading.RLock()
         self.peft = None
-        self.store: dict[str, dict] = {}
+        self.store: OrderedDict[str, dict] = OrderedDict()  # recently saved or loaded payloads by path
+        self.live: weakref.WeakSet = weakref.WeakSet()  # sampling clients on snapshots
         self.snapshot_adapters: dict[str, str | None] = {}  # adapter name -> path of the snapshot loaded in it
         self.runs = 0
         self.sequences = 0
@@ -163,9 +171,8 @@ class _Engine:
             for key, param in params.items():
                 param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
 
-    def snapshot_adapter(self, path: str) -> str:
-        """The adapter holding the snapshot at `path` (loaded into a per-config sampling adapter)."""
-        payload = self.load(path)
+    def snapshot_adapter(self, path: str, payload: dict) -> str:
+        """The adapter holding the snapshot `payload` saved at `path` (copied into a per-config adapter)."""
         lora = payload["lora"]
         name = f"snapshot_r{lora['rank']}_" + "_".join(t.replace(".", "_") for t in lora["targets"])
         if name not in self.snapshot_adapters:
@@ -204,32 +211,53 @@ class _Engine:
                 return run_id
 
     def save(self, run_id: str, kind: str, name: str, payload: dict, overwrite: bool) -> str:
+        """Keep `payload` under tinker://<run id>/<kind>/<name>. Training states (kind "weights") are also
+        written under root, together with the snapshots that live sampling clients use (a sync teacher's
+        path is part of a run's checkpoint); sampler snapshots otherwise stay in memory only."""
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"checkpoint name must be a non-empty string without '/', got {name!r}")
         path = f"tinker://{run_id}/{kind}/{name}"
-        if path in self.store and not overwrite:
+        if not overwrite and (path in self.store or self._folder(path) is not None
+                              and (self._folder(path) / "meta.json").is_file()):
             raise ValueError(f"checkpoint {path} exists; pass overwrite=True or pick another name")
-        self.store[path] = payload
-        if self.root is not None:
-            from safetensors.torch import save_file
-
-            folder = self.root / run_id / kind / name
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in payload["tensors"].items()}, str(folder / "adapter.safetensors"))
-            meta = {key: value for key, value in payload.items() if key not in ("tensors", "optimizer")}
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if payload.get("optimizer") is not None:
-                torch.save(payload["optimizer"], folder / "optimizer.pt")
+        self._remember(path, payload)
+        if kind == "weights" and self.root is not None:
+            self._write(path, payload)
+            for client in list(self.live):
+                folder = self._folder(client.model_path)
+                if not (folder / "meta.json").is_file():
+                    self._write(client.model_path, client.payload)
         return path
 
-    def load(self, path: str) -> dict:
-        if path in self.store:
-            return self.store[path]
+    def _remember(self, path: str, payload: dict) -> None:
+        self.store[path] = payload
+        self.store.move_to_end(path)
+        while len(self.store) > _KEPT_IN_MEMORY:
+            self.store.popitem(last=False)
+
+    def _folder(self, path: str) -> Path | None:
         parts = path[len("tinker://"):].split("/") if isinstance(path, str) and path.startswith("tinker://") else []
         if len(parts) != 3 or parts[1] not in _PATH_KINDS:
             raise ValueError(f"{path!r} is not a checkpoint path of the form tinker://<run id>/weights/<name> "
                              "or tinker://<run id>/sampler_weights/<name>")
-        folder = self.root / parts[0] / parts[1] / parts[2] if self.root is not None else None
+        return self.root / parts[0] / parts[1] / parts[2] if self.root is not None else None
+
+    def _write(self, path: str, payload: dict) -> None:
+        from safetensors.torch import save_file
+
+        folder = self._folder(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in payload["tensors"].items()}, str(folder / "adapter.safetensors"))
+        if payload.get("optimizer") is not None:
+            torch.save(payload["optimizer"], folder / "optimizer.pt")
+        meta = {key: value for key, value in payload.items() if key not in ("tensors", "optimizer")}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # written last
+
+    def load(self, path: str) -> dict:
+        if path in self.store:
+            self.store.move_to_end(path)
+            return self.store[path]
+        folder = self._folder(path)
         if folder is None or not (folder / "meta.json").is_file():
             where = f"in {self.root}" if self.root is not None else "in memory (no root folder was given)"
             raise ValueError(f"unknown checkpoint {path}: nothing was saved under that path {where}")
@@ -239,7 +267,7 @@ class _Engine:
         payload["tensors"] = load_file(str(folder / "adapter.safetensors"), device="cpu")
         optimizer = folder / "optimizer.pt"
         payload["optimizer"] = torch.load(optimizer, map_location="cpu", weights_only=True) if optimizer.is_file() else None
-        self.store[path] = payload
+        self._remember(path, payload)
         return payload
 
     def check_base_model(self, base_model: str | None) -> None:
@@ -251,8 +279,8 @@ class _Engine:
     def compute_dtype(self) -> torch.dtype:
         return torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
 
-    def logprobs(self, causal_lm: nn.Module, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """log_softmax of the logits [B, L_max, V] of right-padded token lists (compute dtype)."""
+    def hidden(self, causal_lm: nn.Module, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Final-norm hidden states [B, L_max, H] of right-padded token lists (position p sees tokens <= p)."""
         width = max(len(t) for t in tokens)
         ids = torch.full((len(tokens), width), self.pad, dtype=torch.long, device=self.device)
         attention = torch.zeros((len(tokens), width), dtype=torch.long, device=self.device)
@@ -260,8 +288,30 @@ class _Engine:
             ids[b, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
             attention[b, :len(seq)] = 1
         positions = torch.arange(width, device=self.device).expand(len(tokens), width)
-        logits = causal_lm(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
-        return torch.log_softmax(logits.to(self.compute_dtype()), dim=-1)
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        return decoder(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False).last_hidden_state
+
+    def head_logprobs(self, causal_lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                      *, chunk_rows: int = 256) -> torch.Tensor:
+        """log_softmax(head(hidden)) [N, V] (targets None), or gathered at targets [N, K'] -> [N, K'],
+        `chunk_rows` rows at a time; with grad enabled each chunk is recomputed in the backward pass, so
+        no [N, V] tensor is kept (the output layer may carry a LoRA adapter)."""
+        head, dtype = causal_lm.get_output_embeddings(), self.compute_dtype()
+
+        def chunk(h, t):
+            logp = torch.log_softmax(head(h).to(dtype), dim=-1)
+            return logp if t is None else logp.gather(-1, t)
+
+        out = []
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            t = None if targets is None else targets[start:start + chunk_rows]
+            if torch.is_grad_enabled() and t is not None:
+                out.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False))
+            else:
+                out.append(chunk(h, t))
+        return torch.cat(out) if out else hidden.new_zeros((0, 0), dtype=dtype)
 
     def datum_logprobs(self, adapter: str, data: Sequence[types.Datum], *, train: bool,
                        loss_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -278,12 +328,12 @@ class _Engine:
                 targets = [_datum_targets(data[i], i, len(inputs[i]), vocab) for i in group]
                 context = torch.enable_grad() if loss_of is not None else torch.no_grad()
                 with context:
-                    logp = self.logprobs(causal_lm, [inputs[i] for i in group])
+                    hidden = self.hidden(causal_lm, [inputs[i] for i in group])
                     total = None
                     for row, (i, target) in enumerate(zip(group, targets)):
                         length = target.shape[0]
                         flat = target.reshape(length, -1).to(self.device)
-                        lp = logp[row, :length].gather(-1, flat).reshape(target.shape)
+                        lp = self.head_logprobs(causal_lm, hidden[row, :length], flat).reshape(target.shape)
                         if loss_of is not None:
                             loss = loss_of(i, lp)
                             total = loss if total is None else total + loss
@@ -296,12 +346,15 @@ class _Engine:
 class OfflineSamplingClient:
     """`tinker.SamplingClient` on the offline engine: the base model (model_path None) or a snapshot."""
 
-    def __init__(self, engine: _Engine, model_path: str | None):
+    def __init__(self, engine: _Engine, model_path: str | None, payload: dict | None = None):
         self._engine = engine
         self.model_path = model_path
+        self.payload = payload
+        if model_path is not None:
+            engine.live.add(self)
 
     def _adapter(self) -> str | None:
-        return None if self.model_path is None else self._engine.snapshot_adapter(self.model_path)
+        return None if self.model_path is None else self._engine.snapshot_adapter(self.model_path, self.payload)
 
     def get_base_model(self) -> str:
         return self._engine.base_model
@@ -334,29 +387,31 @@ class OfflineSamplingClient:
         return _future(run)
 
     def _prompt_scores(self, tokens, topk, last_n):
-        """(prompt log-probs [L] float64 with NaN where not scored, TopkLogprobs or None, last-row log-probs)."""
+        """(prompt log-probs [L] float64, NaN where not scored; TopkLogprobs [L, topk] or None; the log-probs
+        [V] of the token after the prompt). Positions first .. L - 1 are scored (first = 1, or L - last_n);
+        only the rows first - 1 .. L - 1 of the output layer are computed."""
         engine = self._engine
         length = len(tokens)
-        with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
-            logp = engine.logprobs(causal_lm, [tokens])[0]  # [L, V]: row p predicts token p + 1
         first = 1 if last_n is None else length - last_n
+        with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
+            hidden = engine.hidden(causal_lm, [tokens])[0]
+            rows = engine.head_logprobs(causal_lm, hidden[first - 1:])  # row r predicts token first + r
+        scored = rows[:-1]
         prompt_lp = np.full(length, np.nan, dtype=np.float64)
-        if length > 1:
-            picked = logp[:-1].gather(-1, torch.tensor(tokens[1:], device=logp.device)[:, None])[:, 0]
-            prompt_lp[1:] = picked.double().cpu().numpy()
-            prompt_lp[:first] = np.nan
+        if length > first:
+            next_ids = torch.tensor(tokens[first:], device=rows.device)[:, None]
+            prompt_lp[first:] = scored.gather(-1, next_ids)[:, 0].double().cpu().numpy()
         top = None
         if topk:
-            width = min(int(topk), logp.shape[-1])
+            width = min(int(topk), rows.shape[-1])
             ids = np.zeros((length, int(topk)), dtype=np.int32)
             lps = np.full((length, int(topk)), MASK_LOGPROB, dtype=np.float32)
-            if length > 1:
-                values, indices = logp[:-1].topk(width, dim=-1)
-                ids[1:, :width] = indices.cpu().numpy()
-                lps[1:, :width] = values.float().cpu().numpy()
-                ids[:first], lps[:first] = 0, MASK_LOGPROB
+            if length > first:
+                values, indices = scored.topk(width, dim=-1)
+                ids[first:, :width] = indices.cpu().numpy()
+                lps[first:, :width] = values.float().cpu().numpy()
             top = TopkLogprobs(token_ids=ids, logprobs=lps)
-        return prompt_lp, top, logp[-1]
+        return prompt_lp, top, rows[-1]
 
     def _sample(self, prompt, num_samples, params, include_prompt_logprobs, topk, last_n):
         engine = self._engine
@@ -551,8 +606,7 @@ class OfflineTrainingClient:
     def create_sampling_client(self, model_path: str, retry_config=None, record_stability_info: bool = False):
         def run():
             with self._engine.lock:
-                self._engine.load(model_path)
-            return OfflineSamplingClient(self._engine, model_path)
+                return OfflineSamplingClient(self._engine, model_path, self._engine.load(model_path))
         return _future(run)
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
@@ -560,9 +614,10 @@ class OfflineTrainingClient:
         def run():
             with self._engine.lock:
                 self._engine.sequences += 1
+                payload = self._payload(False)
                 path = self._engine.save(self.model_id, "sampler_weights", f"ephemeral-{self._engine.sequences}",
-                                         self._payload(False), False)
-            return OfflineSamplingClient(self._engine, path)
+                                         payload, False)
+                return OfflineSamplingClient(self._engine, path, payload)
         return _future(run)
 
     def load_state(self, path: str, weights_access_token: str | None = None):
@@ -679,11 +734,10 @@ class OfflineServiceClient:
 
         def run():
             with self._engine.lock:
-                if model_path is not None:
-                    self._engine.load(model_path)
-                else:
+                if model_path is None:
                     self._engine.check_base_model(base_model)
-            return OfflineSamplingClient(self._engine, model_path)
+                    return OfflineSamplingClient(self._engine, None)
+                return OfflineSamplingClient(self._engine, model_path, self._engine.load(model_path))
         return _future(run)
 
 
