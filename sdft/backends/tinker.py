@@ -486,13 +486,15 @@ class TinkerBackend:
             for row, lp in zip(rows, logprobs):
                 count = row.weight.shape[0]
                 block = lp[row.first:row.first + count]
-                dtype = block.dtype
-                weight, sampler = row.weight.to(dtype), row.sampler.to(dtype)
+                dtype, device = block.dtype, block.device
+                weight, sampler = row.weight.to(device, dtype), row.sampler.to(device, dtype)
+                mask = row.mask.to(device)
                 if spec.targets == "topk":
                     k = row.ids.shape[1]
-                    per_token = topk_loss_from_logprobs(block[:, :k], row.ids, row.teacher, vocab_size=vocab,
-                                                        normalize=spec.topk_normalize, kind=spec.topk_kind)
-                    seq_is = _truncated_is_weight(block[:, k].detach(), sampler, row.mask, clip)
+                    per_token = topk_loss_from_logprobs(block[:, :k], row.ids.to(device), row.teacher.to(device),
+                                                        vocab_size=vocab, normalize=spec.topk_normalize,
+                                                        kind=spec.topk_kind)
+                    seq_is = _truncated_is_weight(block[:, k].detach(), sampler, mask, clip)
                     is_weights.append(float(seq_is))
                     if clip is not None:
                         weight = weight * seq_is
@@ -500,13 +502,13 @@ class TinkerBackend:
                     ratio = torch.exp(block - sampler)
                     if clip is not None:
                         ratio = ratio.clamp(max=clip)
-                    per_token = -ratio * (row.teacher.to(dtype) - sampler)
-                    is_weights.append(float(_truncated_is_weight(block.detach(), sampler, row.mask, clip)))
+                    per_token = -ratio * (row.teacher.to(device, dtype) - sampler)
+                    is_weights.append(float(_truncated_is_weight(block.detach(), sampler, mask, clip)))
                 term = (per_token * weight.to(per_token.dtype)).sum()
                 total = term if total is None else total + term
-                per_tokens.append(per_token.detach())
+                per_tokens.append(per_token.detach().cpu())
             captured.update(per_tokens=per_tokens, is_weights=is_weights,
-                            student=[lp.detach() for lp in logprobs])
+                            student=[lp.detach().cpu() for lp in logprobs])
             return total, {}
         return loss_fn
 
@@ -701,7 +703,7 @@ def _truncated_is_weight(train_lp: torch.Tensor, sampler_lp: torch.Tensor, mask:
         ratio = ratio.clamp(max=clip)
     maskf = mask.to(ratio.dtype)
     count = maskf.sum()
-    return (ratio * maskf).sum() / count if count > 0 else torch.ones((), dtype=ratio.dtype)
+    return (ratio * maskf).sum() / count if count > 0 else torch.ones((), dtype=ratio.dtype, device=ratio.device)
 
 
 def _sample_request(sampler, prompt: Sequence[int], params: types.SamplingParams) -> Callable[[int], Any]:
