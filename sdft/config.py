@@ -614,10 +614,11 @@ def validate_config(config: Config) -> None:
     if data.path is None or not data.path.strip():
         fail(f"data.path is required (data.kind={data.kind}: a JSONL file, a dataset folder or a dataset id)")
     if backend.kind == "tinker":
-        if teacher.mode == "ema":
+        distills = config.algorithm == "sdft"  # the SFT baseline uses neither the teacher nor the loss section
+        if distills and teacher.mode == "ema":
             fail("backend.kind=tinker with teacher.mode=ema: EMA is impossible on Tinker: the teacher can only "
                  "be the base model or a saved copy; use teacher.mode=static or teacher.mode=sync")
-        if loss.targets == "full":
+        if distills and loss.targets == "full":
             fail("backend.kind=tinker with loss.targets=full: full-vocabulary targets need teacher hidden "
                  "states; Tinker exposes top-K log-probs only; use loss.targets=topk or loss.targets=sampled")
         if config.student.mode == "full":

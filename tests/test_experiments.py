@@ -226,3 +226,44 @@ def test_scripts_report_bad_selections(tmp_path, script, args, message):
     proc = subprocess.run([sys.executable, str(repo / "scripts" / script), "--config", str(spec), *args],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+
+
+def test_ablation_on_the_offline_tinker_backend(tmp_path, tiny_model_dir):
+    """The cookbook preset's path: the same grid on backend.kind=tinker (offline service), base row included."""
+    pytest.importorskip("tinker")
+    spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "ablation"), "small")
+    spec = dataclasses.replace(spec, overrides=[
+        "backend.kind=tinker", "backend.tinker_service=offline", "backend.tinker_base_model=tiny/llama",
+        "backend.tinker_lora_rank=4", "loss.reduction=sum", "loss.is_clip=null", "optim.beta2=0.95",
+        "optim.max_grad_norm=null"])
+    table = run_ablation(spec, results_dir=tmp_path / "results", seeds=[0], log=lambda _: None)
+    text = table.read_text()
+    assert "| Top-K | no |" in text and "| SFT | n/a |" in text and "| Base model | n/a |" in text
+    result = json.loads((tmp_path / "results" / "abl_small" / "cells" / "topk_seed0" / RESULT_FILE).read_text())
+    assert set(result["scores"]) == {"tool", "sci"}
+
+
+@pytest.mark.parametrize("spec_file, preset", [
+    ("ablation_tooluse.yaml", "tiny"), ("ablation_tooluse.yaml", "paper"), ("ablation_tooluse.yaml", "cookbook"),
+    ("continual_learning.yaml", "tiny"), ("continual_learning.yaml", "paper"),
+])
+def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, preset):
+    from sdft.experiments.ablation import ablation_cells
+    from sdft.experiments.continual import Arm, continual_cells, learning_rates
+    from sdft.experiments.splits import TaskData
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = load_spec(repo / "configs" / spec_file, preset)
+    data = {name: TaskData(train=f"{name}/train", test=f"{name}/test", note="") for name in spec.tasks}
+    if spec_file.startswith("ablation"):
+        base, groups = ablation_cells(spec, data, tmp_path, methods=list(spec.methods), seeds=spec.seeds)
+        cells = [base] + [c for group in groups.values() for c in group]
+        assert len(cells) == 1 + len(spec.methods) * len(spec.seeds)
+    else:
+        arms = [Arm(m, lr) for m in spec.methods for lr in learning_rates(spec)]
+        base, first, second = continual_cells(spec, data, tmp_path, arms=arms, seeds=spec.seeds, stages=[1, 2])
+        cells = [base, *first, *second]
+        assert all(c.config.data.kind == "science" and c.config.model.name.endswith("export") for c in second)
+    for cell in cells:
+        assert [b.name for b in cell.config.eval.benchmarks] == list(spec.tasks)
+        assert cell.config.resume and cell.config.data.split == "none"

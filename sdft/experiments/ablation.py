@@ -28,9 +28,12 @@ def ablation_cells(spec: ExperimentSpec, data: dict[str, TaskData], root: Path, 
     """The base-model cell and, per method, one cell per seed."""
     train_task = _train_task(spec)
     folder = root / "cells"
+    # the base row is only evaluated; it takes the first method's settings so that its config is valid
+    # for the backend (e.g. Tinker rejects the full-vocabulary default)
     base = Cell(name="base", meta={"method": "base"}, train=False,
                 config=cell_config(spec, folder=folder, run_name="base", train_task=train_task, data=data,
-                                   seed=seeds[0], evaluate_before=True))
+                                   seed=seeds[0], overrides=spec.methods[methods[0]]["overrides"],
+                                   evaluate_before=True))
     groups = {}
     for method in methods:
         groups[method] = [

@@ -59,9 +59,10 @@ def continual_cells(spec: ExperimentSpec, data: dict[str, TaskData], root: Path,
     task_a, task_b = stage_tasks(spec)
     folder = root / "cells"
     extra = spec.extra.get("stage_overrides", {}) or {}
-    base = Cell(name="base", meta={"stage": 0}, train=False,
+    base = Cell(name="base", meta={"stage": 0}, train=False,  # evaluated only; the first arm's settings
                 config=cell_config(spec, folder=folder, run_name="base", train_task=task_a, data=data,
-                                   seed=seeds[0], evaluate_before=True))
+                                   seed=seeds[0], overrides=spec.methods[arms[0].method]["overrides"],
+                                   evaluate_before=True))
     first, second = [], []
     for arm in arms:
         for seed in seeds:
