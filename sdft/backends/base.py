@@ -264,6 +264,70 @@ def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tens
     return per_token
 
 
+TARGET_TYPES = {"full": FullVocabTargets, "topk": TopKTargets, "sampled": SampledTargets}
+
+
+def sequence_weights(rollouts: Sequence[Rollout], spec: LossSpec) -> tuple[list[int], list[float]]:
+    """Per rollout i: c_i = tokens that get a loss (T_i minus the skipped first tokens) and the weight w_i
+    of its per-token losses in the batch objective sum_i w_i sum_t l_it: seq_mean 1 / (c_i n), token_mean
+    1 / sum_j c_j, sum 1."""
+    n = len(rollouts)
+    counted = [max(0, len(r.completion_ids) - spec.skip_first_n_tokens) for r in rollouts]
+    if spec.reduction == "seq_mean":
+        return counted, [1.0 / (c * n) if c else 0.0 for c in counted]
+    if spec.reduction == "token_mean":
+        return counted, [1.0 / max(sum(counted), 1)] * n
+    return counted, [1.0] * n
+
+
+# ------------------------------------------------------------------------- argument checks of backends
+def check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_token_lists(name: str, value) -> list[list[int]]:
+    """Non-empty sequences of token ids, as lists."""
+    lists = [list(seq) for seq in value]
+    if not lists:
+        raise ValueError(f"{name} must hold at least one sequence, got none")
+    for i, seq in enumerate(lists):
+        if not seq:
+            raise ValueError(f"{name}[{i}] must hold at least one token, got an empty sequence")
+    return lists
+
+
+def check_rollouts(rollouts) -> list[Rollout]:
+    rollouts = list(rollouts)
+    if not rollouts:
+        raise ValueError("rollouts must hold at least one Rollout, got none")
+    for i, r in enumerate(rollouts):
+        if not isinstance(r, Rollout):
+            raise ValueError(f"rollouts[{i}] must be a Rollout, got {type(r).__name__}")
+    return rollouts
+
+
+def check_targets(targets, spec: LossSpec, rollouts: Sequence[Rollout]) -> None:
+    """`targets` is the Targets class of spec.targets with one [T_i, ...] tensor per rollout ([T_i, K] ids
+    and log-probs for top-K)."""
+    expected = TARGET_TYPES[spec.targets]
+    if not isinstance(targets, expected):
+        raise ValueError(f"targets must be {expected.__name__} for spec.targets={spec.targets!r}, "
+                         f"got {type(targets).__name__}")
+    per_rollout = {FullVocabTargets: "hidden", TopKTargets: "ids", SampledTargets: "teacher_logprobs"}[expected]
+    tensors = getattr(targets, per_rollout)
+    if len(tensors) != len(rollouts):
+        raise ValueError(f"targets.{per_rollout} must have one entry per rollout: got {len(tensors)} for "
+                         f"{len(rollouts)} rollouts")
+    for i, (tensor, rollout) in enumerate(zip(tensors, rollouts)):
+        if tensor.shape[0] != len(rollout.completion_ids):
+            raise ValueError(f"targets.{per_rollout}[{i}] has {tensor.shape[0]} rows, expected one per completion "
+                             f"token ({len(rollout.completion_ids)})")
+        if expected is TopKTargets and (tensor.dim() != 2 or targets.logprobs[i].shape != tensor.shape):
+            raise ValueError(f"targets.ids[{i}] {tuple(tensor.shape)} and targets.logprobs[{i}] "
+                             f"{tuple(targets.logprobs[i].shape)} must both be [T, K]")
+
+
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
-                                Targets, TopKTargets, topk_loss_from_logprobs)
+                                Targets, TopKTargets, check_positive_int, check_rollouts, check_targets,
+                                check_token_lists, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
 from sdft.optim import build_optimizer, build_schedule
@@ -27,7 +28,6 @@ from sdft.teacher import TEACHER_MODES, build_teacher
 
 STUDENT_MODES = ("lora", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_TARGET_TYPES = {"full": FullVocabTargets, "topk": TopKTargets, "sampled": SampledTargets}
 
 
 class LocalBackend:
@@ -59,9 +59,9 @@ class LocalBackend:
             raise ValueError(f"teacher_mode must be one of {', '.join(TEACHER_MODES)}; got {teacher_mode!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be None or a float > 0, got {max_grad_norm!r}")
-        _positive_int("forward_batch_size", forward_batch_size)
+        check_positive_int("forward_batch_size", forward_batch_size)
         if generation_batch_size is not None:
-            _positive_int("generation_batch_size", generation_batch_size)
+            check_positive_int("generation_batch_size", generation_batch_size)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         _check_plain_output_head(model)
@@ -125,7 +125,7 @@ class LocalBackend:
         `seeds`, per prompt from its own generator seeded by seeds[i] (independent of batching)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
         generators = None
@@ -141,10 +141,10 @@ class LocalBackend:
                         batch_size: int | None = None) -> list[list[int]]:
         """Greedy completions from the student; EOS is included when produced. `batch_size` bounds the
         prompts per decoding batch (default: generation_batch_size)."""
-        _positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("max_new_tokens", max_new_tokens)
         if batch_size is not None:
-            _positive_int("batch_size", batch_size)
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
+            check_positive_int("batch_size", batch_size)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
         return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True,
                                                   batch_size=batch_size)]
 
@@ -201,8 +201,8 @@ class LocalBackend:
         `spec.targets` asks for, plus the teacher's entropy at temperature spec.temperature per token."""
         if not isinstance(spec, LossSpec):
             raise ValueError(f"spec must be a LossSpec, got {type(spec).__name__}")
-        prompts = _check_token_lists("teacher_prompt_ids", teacher_prompt_ids)
-        rollouts = _check_rollouts(rollouts)
+        prompts = check_token_lists("teacher_prompt_ids", teacher_prompt_ids)
+        rollouts = check_rollouts(rollouts)
         if len(prompts) != len(rollouts):
             raise ValueError(f"teacher_prompt_ids must have one prompt per rollout: got {len(prompts)} "
                              f"prompts for {len(rollouts)} rollouts")
@@ -265,21 +265,15 @@ class LocalBackend:
         step), grad_norm (before clipping), is_weight_mean (mean per-sequence truncated IS weight; a
         diagnostic of sampler/trainer mismatch, applied only when is_clip is set).
         """
-        _positive_int("micro_batch_size", micro_batch_size)
+        check_positive_int("micro_batch_size", micro_batch_size)
         if not isinstance(spec, LossSpec):
             raise ValueError(f"spec must be a LossSpec, got {type(spec).__name__}")
-        rollouts = _check_rollouts(rollouts)
-        _check_targets(targets, spec, rollouts)
+        rollouts = check_rollouts(rollouts)
+        check_targets(targets, spec, rollouts)
         start_time = time.perf_counter()
         n = len(rollouts)
-        counted = [max(0, len(r.completion_ids) - spec.skip_first_n_tokens) for r in rollouts]
+        counted, seq_weight = sequence_weights(rollouts, spec)
         total_counted = sum(counted)
-        if spec.reduction == "seq_mean":
-            seq_weight = [1.0 / (c * n) if c else 0.0 for c in counted]
-        elif spec.reduction == "token_mean":
-            seq_weight = [1.0 / max(total_counted, 1)] * n
-        else:
-            seq_weight = [1.0] * n
 
         self.model.train()
         causal_lm = self._causal_lm()
@@ -380,9 +374,9 @@ class LocalBackend:
                  micro_batch_size: int) -> dict[str, float]:
         """One optimizer step of -sum_i sum_j log p(target_ij | prompt_i, target_i<j) / sum_i len(target_i)
         (cross-entropy, token mean over the whole batch, accumulated over micro-batches)."""
-        _positive_int("micro_batch_size", micro_batch_size)
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
-        targets = _check_token_lists("target_ids", target_ids)
+        check_positive_int("micro_batch_size", micro_batch_size)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
+        targets = check_token_lists("target_ids", target_ids)
         if len(prompts) != len(targets):
             raise ValueError(f"target_ids must have one target per prompt: got {len(targets)} targets for "
                              f"{len(prompts)} prompts")
@@ -597,7 +591,7 @@ def _check_plain_output_head(model: nn.Module) -> None:
 def _wrap_lora(model, *, rank, alpha, dropout, target_modules, seed):
     from peft import LoraConfig, get_peft_model
 
-    _positive_int("lora_rank", rank)
+    check_positive_int("lora_rank", rank)
     if not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"lora_alpha must be a float > 0, got {alpha!r}")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
@@ -643,42 +637,3 @@ def _flat_ids(rollouts: Sequence[Rollout], device) -> torch.Tensor:
     return torch.tensor([x for r in rollouts for x in r.completion_ids], dtype=torch.long, device=device)
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_token_lists(name: str, value) -> list[list[int]]:
-    lists = [list(seq) for seq in value]
-    if not lists:
-        raise ValueError(f"{name} must hold at least one sequence, got none")
-    for i, seq in enumerate(lists):
-        if not seq:
-            raise ValueError(f"{name}[{i}] must hold at least one token, got an empty sequence")
-    return lists
-
-
-def _check_rollouts(rollouts) -> list[Rollout]:
-    rollouts = list(rollouts)
-    if not rollouts:
-        raise ValueError("rollouts must hold at least one Rollout, got none")
-    for i, r in enumerate(rollouts):
-        if not isinstance(r, Rollout):
-            raise ValueError(f"rollouts[{i}] must be a Rollout, got {type(r).__name__}")
-    return rollouts
-
-
-def _check_targets(targets, spec: LossSpec, rollouts: list[Rollout]) -> None:
-    expected = _TARGET_TYPES[spec.targets]
-    if not isinstance(targets, expected):
-        raise ValueError(f"targets must be {expected.__name__} for spec.targets={spec.targets!r}, "
-                         f"got {type(targets).__name__}")
-    per_rollout = {FullVocabTargets: "hidden", TopKTargets: "ids", SampledTargets: "teacher_logprobs"}[expected]
-    tensors = getattr(targets, per_rollout)
-    if len(tensors) != len(rollouts):
-        raise ValueError(f"targets.{per_rollout} must have one entry per rollout: got {len(tensors)} for "
-                         f"{len(rollouts)} rollouts")
-    for i, (tensor, rollout) in enumerate(zip(tensors, rollouts)):
-        if tensor.shape[0] != len(rollout.completion_ids):
-            raise ValueError(f"targets.{per_rollout}[{i}] has {tensor.shape[0]} rows, expected one per completion "
-                             f"token ({len(rollout.completion_ids)})")

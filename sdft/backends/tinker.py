@@ -66,7 +66,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdft.backends.base import (LossSpec, Rollout, SampledTargets, SamplingParams, Targets, TopKTargets,
-                                topk_loss_from_logprobs)
+                                check_positive_int, check_rollouts, check_targets, check_token_lists,
+                                sequence_weights, topk_loss_from_logprobs)
 from sdft.losses.reference import topk_teacher_weights
 from sdft.optim import SCHEDULES, lr_factor
 
@@ -277,7 +278,7 @@ class TinkerBackend:
         with SamplingParams.seed = seeds[i], else with seeds drawn from this backend's generator."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
         if seeds is None:
@@ -296,10 +297,10 @@ class TinkerBackend:
                         batch_size: int | None = None) -> list[list[int]]:
         """Greedy completions of the current student (top_k=1), EOS included when produced; at most
         `batch_size` requests in flight (None: all)."""
-        _positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("max_new_tokens", max_new_tokens)
         if batch_size is not None:
-            _positive_int("batch_size", batch_size)
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
+            check_positive_int("batch_size", batch_size)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
         sampler = self._student_sampler()
         params = types.SamplingParams(max_tokens=max_new_tokens, temperature=1.0, top_k=1, seed=0,
                                       stop=list(self.eos_token_ids))
@@ -318,8 +319,8 @@ class TinkerBackend:
         in flight at once: TopKTargets (ids [T_i, K] with -1 for invalid slots, log-probs [T_i, K]) or
         SampledTargets. Teacher entropies are not available on Tinker (None)."""
         self._check_spec(spec)
-        prompts = _check_token_lists("teacher_prompt_ids", teacher_prompt_ids)
-        rollouts = _check_rollouts(rollouts)
+        prompts = check_token_lists("teacher_prompt_ids", teacher_prompt_ids)
+        rollouts = check_rollouts(rollouts)
         if len(prompts) != len(rollouts):
             raise ValueError(f"teacher_prompt_ids must have one prompt per rollout: got {len(prompts)} prompts for "
                              f"{len(rollouts)} rollouts")
@@ -371,20 +372,14 @@ class TinkerBackend:
         """One optimizer step of the distillation loss over all rollouts (see the module docstring for the
         datums); the objective and the metrics are those of `LocalBackend.train_step`. Entropies and, on
         the built-in cross_entropy path, the importance weight are not available on Tinker (NaN)."""
-        _positive_int("micro_batch_size", micro_batch_size)
+        check_positive_int("micro_batch_size", micro_batch_size)
         self._check_spec(spec)
-        rollouts = _check_rollouts(rollouts)
-        _check_targets(targets, spec, rollouts)
+        rollouts = check_rollouts(rollouts)
+        check_targets(targets, spec, rollouts)
         start_time = time.perf_counter()
         n = len(rollouts)
-        counted = [max(0, len(r.completion_ids) - spec.skip_first_n_tokens) for r in rollouts]
+        counted, seq_weight = sequence_weights(rollouts, spec)
         total_counted = sum(counted)
-        if spec.reduction == "seq_mean":
-            seq_weight = [1.0 / (c * n) if c else 0.0 for c in counted]
-        elif spec.reduction == "token_mean":
-            seq_weight = [1.0 / max(total_counted, 1)] * n
-        else:
-            seq_weight = [1.0] * n
         builtin = spec.is_clip is None and (
             spec.targets == "sampled" or (spec.topk_normalize == "renormalize" and spec.topk_kind != "reverse_kl"))
 
@@ -550,9 +545,9 @@ class TinkerBackend:
                  micro_batch_size: int) -> dict[str, float]:
         """One optimizer step of -sum_i sum_j log p(target_ij | ...) / sum_i len(target_i): built-in
         cross_entropy with weight 1 / (target tokens of the batch) on the target rows."""
-        _positive_int("micro_batch_size", micro_batch_size)
-        prompts = _check_token_lists("prompt_ids", prompt_ids)
-        targets = _check_token_lists("target_ids", target_ids)
+        check_positive_int("micro_batch_size", micro_batch_size)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
+        targets = check_token_lists("target_ids", target_ids)
         if len(prompts) != len(targets):
             raise ValueError(f"target_ids must have one target per prompt: got {len(targets)} targets for "
                              f"{len(prompts)} prompts")
@@ -773,43 +768,3 @@ def _eos_ids(tokenizer, eos_token_ids) -> list[int]:
     return ids
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_token_lists(name: str, value) -> list[list[int]]:
-    lists = [list(seq) for seq in value]
-    if not lists:
-        raise ValueError(f"{name} must hold at least one sequence, got none")
-    for i, seq in enumerate(lists):
-        if not seq:
-            raise ValueError(f"{name}[{i}] must hold at least one token, got an empty sequence")
-    return lists
-
-
-def _check_rollouts(rollouts) -> list[Rollout]:
-    rollouts = list(rollouts)
-    if not rollouts:
-        raise ValueError("rollouts must hold at least one Rollout, got none")
-    for i, r in enumerate(rollouts):
-        if not isinstance(r, Rollout):
-            raise ValueError(f"rollouts[{i}] must be a Rollout, got {type(r).__name__}")
-    return rollouts
-
-
-def _check_targets(targets, spec: LossSpec, rollouts: list[Rollout]) -> None:
-    expected = TopKTargets if spec.targets == "topk" else SampledTargets
-    if not isinstance(targets, expected):
-        raise ValueError(f"targets must be {expected.__name__} for spec.targets={spec.targets!r}, "
-                         f"got {type(targets).__name__}")
-    tensors = targets.ids if expected is TopKTargets else targets.teacher_logprobs
-    if len(tensors) != len(rollouts):
-        raise ValueError(f"targets must have one entry per rollout: got {len(tensors)} for {len(rollouts)} rollouts")
-    for i, (tensor, rollout) in enumerate(zip(tensors, rollouts)):
-        if tensor.shape[0] != len(rollout.completion_ids):
-            raise ValueError(f"targets[{i}] has {tensor.shape[0]} rows, expected one per completion token "
-                             f"({len(rollout.completion_ids)})")
-        if expected is TopKTargets and (tensor.dim() != 2 or targets.logprobs[i].shape != tensor.shape):
-            raise ValueError(f"targets.ids[{i}] {tuple(tensor.shape)} and targets.logprobs[{i}] "
-                             f"{tuple(targets.logprobs[i].shape)} must both be [T, K]")

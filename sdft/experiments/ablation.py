@@ -104,7 +104,7 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
               markdown_table(header + [f"Δ {titles[t]}" for t in tasks], base_rows)]
     n_items = {t: len(base.scores[t]) for t in tasks}
     lines += ["", "## Settings", "",
-              f"- items per task: " + ", ".join(f"{titles[t]} {n_items[t]}" for t in tasks)
+              "- items per task: " + ", ".join(f"{titles[t]} {n_items[t]}" for t in tasks)
               + f" (one item = {100 / min(n_items.values()):.1f} points on the smallest)",
               f"- base run config: {spec.config}; experiment spec: {spec.source}; cells: {root / 'cells'}",
               "- training time per cell: " + ", ".join(
