@@ -178,7 +178,7 @@ class BenchmarkConfig(_Section):
     split: str = "val"
     max_items: Optional[int] = _field(None, ge=1)
     max_new_tokens: int = _field(256, ge=1)
-    tooluse_mode: Literal["strict", "robust"] = "strict"
+    tooluse_mode: Literal["strict", "robust", "actions"] = "strict"
     mcq_mode: Literal["official", "lenient"] = "official"
 
 

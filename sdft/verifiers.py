@@ -3,7 +3,7 @@
 Every verifier takes the model's decoded completion and a reference and returns a bool; none of them
 imports torch or touches files.
 
-Tool use (`score_tool_calls`), two modes:
+Tool use (`score_tool_calls`), three modes:
 
 - ``"strict"`` reproduces the official SDFT scorer rule for rule. Action names are
   ``re.findall(r"Action:\\s*(\\w+)", text)``; action inputs are the dict-merge (later keys win) of
@@ -29,6 +29,10 @@ Tool use (`score_tool_calls`), two modes:
   fence before the object is skipped); a leading bracketed tag such as ``[Optional]`` is removed from
   action names on both sides. The comparison is the same as strict. The gold answers score 97/97.
 
+- ``"actions"``: the robust parsing, comparing only the multiset of action names (inputs ignored): a
+  partial-credit diagnostic for models that learn which tool to call before they get its arguments
+  exactly right. Not comparable with published numbers.
+
 Multiple choice (`score_mcq`): ``"official"`` is
 ``text.split("<answer>")[-1].split("</answer>")[0].strip() == answer``; ``"lenient"`` accepts that, else
 extracts a letter with the fallbacks, in order: the last "The answer is X", the last line that is
@@ -42,7 +46,7 @@ from collections import Counter
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-TOOLUSE_MODES = ("strict", "robust")
+TOOLUSE_MODES = ("strict", "robust", "actions")
 MCQ_MODES = ("official", "lenient")
 MCQ_LETTERS = ("A", "B", "C", "D")
 
@@ -61,15 +65,17 @@ def score_tool_calls(text: str, golden_answer: Any, mode: str = "strict") -> boo
     """True iff the tool calls in `text` match `golden_answer` (see the module docstring for the rules).
 
     `golden_answer`: a list of ``{"Action": str, "Action_Input": JSON string or dict}`` (a JSON string
-    of such a list is accepted too). `mode`: "strict" (official) or "robust".
+    of such a list is accepted too). `mode`: "strict" (official), "robust" or "actions" (names only).
     """
     if mode not in TOOLUSE_MODES:
         raise ValueError(f"tool-use scoring mode {mode!r} is not one of {list(TOOLUSE_MODES)}")
-    gold_names, gold_inputs = _gold_calls(golden_answer, robust=mode == "robust")
+    gold_names, gold_inputs = _gold_calls(golden_answer, robust=mode != "strict")
     if mode == "strict":
         names, inputs = _strict_calls(text)
     else:
         names, inputs = _robust_calls(strip_thinking(text))
+    if mode == "actions":
+        return Counter(names) == Counter(gold_names)
     return Counter(names) == Counter(gold_names) and inputs == gold_inputs
 
 

@@ -44,7 +44,7 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
     ]) + "\n")
     tasks = (f"tasks:\n"
              f"  tool: {{title: Tool, kind: tooluse, path: {tool}, split: api, test_fraction: 0.25, "
-             f"benchmark: {{max_new_tokens: 4}}}}\n"
+             f"benchmark: {{max_new_tokens: 4}}, also_score: [actions]}}\n"
              f"  sci: {{title: Sci, kind: science, path: {sci}, split: random, test_fraction: 0.3, "
              f"benchmark: {{max_new_tokens: 3, mcq_mode: lenient}}}}\n")
     if kind == "ablation":
@@ -85,7 +85,8 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
     root = tmp_path / "results" / "abl_small"
     text = table.read_text()
     for needle in ("| KL | EMA | Tool | Sci |", "| Base model | n/a |", "| Top-K | no |", "| SFT | n/a |",
-                   "Paired difference vs Top-K / no", "small preset", "split by 'api'", "`cmd`"):
+                   "Paired difference vs Top-K / no", "small preset", "split by 'api'", "`cmd`",
+                   "| KL | EMA | Tool (actions) |"):
         assert needle in text, needle
     assert (root / "bars.png").stat().st_size > 0
     result = json.loads((root / "cells" / "sft_seed1" / RESULT_FILE).read_text())
@@ -103,7 +104,7 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
     (root / "cells" / "sft_seed0" / RESULT_FILE).unlink()
     run_ablation(spec, results_dir=tmp_path / "results", train_fn=again, log=lines.append)
     assert again.calls == ["sft_seed0"]
-    assert table.read_text().count("| SFT | n/a |") == 4
+    assert table.read_text().count("| SFT | n/a |") == 5  # accuracy, per seed, vs reference, vs base, secondary
     # a changed spec is not silently mixed with finished cells
     changed = dataclasses.replace(spec, overrides=["optim.lr=0.5"])
     with pytest.raises(ValueError, match=r"cell base: .* different config \(optim.lr: 0.001 -> 0.5\)"):
@@ -124,7 +125,8 @@ def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, 
     text = tables.read_text()
     for needle in ("## Stage 1: train on Tool, evaluate both tasks", "## Stage 2: train on Sci",
                    "| Method | LR | Tool | Sci | Sci Δ vs base |", "| Method | LR | Tool | Sci | Tool retention |",
-                   "| SDFT top-K | 0.001 |", "| Base model |"):
+                   "| SDFT top-K | 0.001 |", "| Base model |", "| Method | LR | When | Tool (actions) |",
+                   "| SFT | 0.001 | after stage 2 |"):
         assert needle in text, needle
     assert (tables.parent / "stages.png").stat().st_size > 0
 
@@ -175,6 +177,7 @@ def test_prepare_task_splits_by_api_once(tmp_path):
     (lambda s: s.replace("split: api", "split: bogus"), "tasks.tool.split"),
     (lambda s: s.replace("overrides: [algorithm=sft]", "overrides: [algorithm]"), "methods.sft.overrides"),
     (lambda s: s.replace("kind: science", "kind: poetry"), "tasks.sci.kind"),
+    (lambda s: s.replace("also_score: [actions]", "also_score: [lenient]"), "tasks.tool.also_score"),
 ])
 def test_spec_errors_name_the_key(tmp_path, mutate, message):
     path = _write_spec(tmp_path, "unused", "ablation")
@@ -195,7 +198,7 @@ def test_unknown_preset_and_selection_errors(tmp_path):
 def test_bad_override_in_a_method_names_the_cell(tmp_path, tiny_model_dir):
     path = _write_spec(tmp_path, tiny_model_dir, "ablation")
     path.write_text(path.read_text().replace("loss.topk=5", "loss.topk=banana"))
-    with pytest.raises(ValueError, match="cell topk_seed0: .*loss.topk"):
+    with pytest.raises(ValueError, match="cell base: .*loss.topk=banana.*expected an int"):
         run_ablation(load_spec(path), results_dir=tmp_path / "results", log=lambda _: None)
 
 

@@ -38,6 +38,15 @@ def test_type_and_empty_string_are_compared_exactly(mode):
     assert not score_tool_calls('Action: search\nAction Input: {"page": 1, "gender": "", "x": 2}', gold, mode)
 
 
+def test_actions_mode_compares_tool_names_only():
+    assert score_tool_calls('Action: getWeather\nAction Input: {"city": "Lyon"}', WEATHER, "actions")
+    assert score_tool_calls("<think>Action: getForecast</think>\nAction: getWeather", WEATHER, "actions")
+    assert not score_tool_calls('Action: getForecast\nAction Input: {"city": "Paris", "unit": "celsius"}',
+                                WEATHER, "actions")
+    assert not score_tool_calls("Action: getWeather\nAction: getWeather", WEATHER, "actions")  # counted
+    assert not score_tool_calls("I cannot help with that.", WEATHER, "actions")
+
+
 def test_nested_json_fails_strict_passes_robust():
     text = render_tool_calls(NESTED)
     assert "profileData" in text

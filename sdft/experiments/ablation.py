@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from sdft.experiments.cells import Cell, CellResult, run_cells
 from sdft.experiments.configs import cell_config
+from sdft.experiments.rescore import rescore_cells, secondary_columns
 from sdft.experiments.spec import ExperimentSpec
 from sdft.experiments.splits import TaskData, prepare_task
 from sdft.experiments.tables import bar_chart, difference_ci, fmt, markdown_table, mean_ci, per_seed
@@ -102,6 +103,17 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
                  for m, cells in groups.items()]
     lines += ["", "## Change from the base model (points, paired 95% CI)", "",
               markdown_table(header + [f"Δ {titles[t]}" for t in tasks], base_rows)]
+    extra = secondary_columns(spec)
+    if extra:
+        cells_dir = root / "cells"
+        base2 = rescore_cells(spec, cells_dir, [base])[0]
+        rows = [base_fields + [fmt(mean_ci([base2], k)) for k in extra]]
+        rows += [fields(m) + [fmt(mean_ci(rescore_cells(spec, cells_dir, cells), k)) for k in extra]
+                 for m, cells in groups.items()]
+        lines += ["", "## Secondary scores (the saved predictions scored with other scorer modes)", "",
+                  markdown_table(header + list(extra.values()), rows), "",
+                  "Modes: robust = the official rule with balanced-brace JSON parsing; actions = the right tool "
+                  "names, arguments ignored (a diagnostic, not comparable with published numbers)."]
     n_items = {t: len(base.scores[t]) for t in tasks}
     lines += ["", "## Settings", "",
               "- items per task: " + ", ".join(f"{titles[t]} {n_items[t]}" for t in tasks)

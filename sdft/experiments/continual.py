@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from sdft.experiments.cells import Cell, CellResult, run_cells
 from sdft.experiments.configs import cell_config
+from sdft.experiments.rescore import rescore_cells, secondary_columns
 from sdft.experiments.spec import ExperimentSpec
 from sdft.experiments.splits import TaskData, prepare_task
 from sdft.experiments.tables import difference_ci, fmt, markdown_table, mean_ci, ratio_ci, stage_plot
@@ -155,6 +156,19 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
     else:
         series = {f"{label(arm)} lr {arm.lr:g}": [{t: mean_ci(group, t) for t in titles}
                                                   for group in ([base], cells(1, arm))] for arm in arms}
+    extra = secondary_columns(spec)
+    if extra:
+        cells_dir = root / "cells"
+        rows = [["Base model", "", "base"] + [fmt(mean_ci(rescore_cells(spec, cells_dir, [base]), k)) for k in extra]]
+        for stage in (1, 2):
+            for arm in arms:
+                got = cells(stage, arm)
+                if got is not None:
+                    rescored = rescore_cells(spec, cells_dir, got)
+                    rows.append([label(arm), f"{arm.lr:g}", f"after stage {stage}"]
+                                + [fmt(mean_ci(rescored, k)) for k in extra])
+        lines += ["", "## Secondary scores (the saved predictions scored with other scorer modes)", "",
+                  markdown_table(["Method", "LR", "When"] + list(extra.values()), rows)]
     stage_names = ["base", f"after stage 1\n({title_a})", f"after stage 2\n({title_b})"]
     stage_plot(root / "stages.png", series, stages=stage_names[:len(next(iter(series.values())))], titles=titles,
                title=f"{spec.name}: accuracy across stages (95% CI)")

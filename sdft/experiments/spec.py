@@ -26,10 +26,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from sdft.verifiers import MCQ_MODES, TOOLUSE_MODES
+
 TASK_KINDS = ("tooluse", "science")
 SPLITS = ("api", "random")
 _TASK_KEYS = ("title", "kind", "path", "split", "test_fraction", "split_seed", "train_path", "test_path",
-              "benchmark")
+              "benchmark", "also_score")
+_ALSO_SCORE = {"tooluse": TOOLUSE_MODES, "science": MCQ_MODES}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class TaskSpec:
     Either `path` + `split` (the experiment splits the folder itself, by API name or at random with
     `split_seed`) or `train_path` + `test_path` (official train folder and an evaluation folder).
     `benchmark`: fields of the run config's eval.benchmarks entry (max_new_tokens, max_items, modes).
+    `also_score`: other scorer modes applied to the saved predictions (secondary columns).
     """
 
     name: str
@@ -51,6 +55,7 @@ class TaskSpec:
     train_path: str | None = None
     test_path: str | None = None
     benchmark: dict = field(default_factory=dict)
+    also_score: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,10 +183,14 @@ def _parse_tasks(tasks: Any, where: str) -> dict[str, TaskSpec]:
                 "a number strictly between 0 and 1")
         benchmark = body.get("benchmark", {}) or {}
         _expect(isinstance(benchmark, dict), where, f"{key}.benchmark", "a mapping of eval.benchmarks fields")
+        also = body.get("also_score", []) or []
+        allowed_modes = _ALSO_SCORE[body["kind"]]
+        _expect(isinstance(also, list) and all(m in allowed_modes for m in also), where, f"{key}.also_score",
+                f"a list of scorer modes from {list(allowed_modes)}")
         out[name] = TaskSpec(name=name, title=str(body.get("title", name)), kind=body["kind"], path=body.get("path"),
                              split=body.get("split"), test_fraction=float(fraction),
                              split_seed=int(body.get("split_seed", 0)), train_path=body.get("train_path"),
-                             test_path=body.get("test_path"), benchmark=dict(benchmark))
+                             test_path=body.get("test_path"), benchmark=dict(benchmark), also_score=tuple(also))
     return out
 
 
