@@ -104,12 +104,11 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
     lines += ["", "## Change from the base model (points, paired 95% CI)", "",
               markdown_table(header + [f"Δ {titles[t]}" for t in tasks], base_rows)]
     extra = secondary_columns(spec)
+    rescored = {m: rescore_cells(spec, root / "cells", cells) for m, cells in groups.items()}
+    base_rescored = rescore_cells(spec, root / "cells", [base])[0]
     if extra:
-        cells_dir = root / "cells"
-        base2 = rescore_cells(spec, cells_dir, [base])[0]
-        rows = [base_fields + [fmt(mean_ci([base2], k)) for k in extra]]
-        rows += [fields(m) + [fmt(mean_ci(rescore_cells(spec, cells_dir, cells), k)) for k in extra]
-                 for m, cells in groups.items()]
+        rows = [base_fields + [fmt(mean_ci([base_rescored], k)) for k in extra]]
+        rows += [fields(m) + [fmt(mean_ci(rescored[m], k)) for k in extra] for m in groups]
         lines += ["", "## Secondary scores (the saved predictions scored with other scorer modes)", "",
                   markdown_table(header + list(extra.values()), rows), "",
                   "Modes: robust = the official rule with balanced-brace JSON parsing; actions = the right tool "
@@ -124,9 +123,11 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
     if command:
         lines.append(f"- command: `{command}`")
     lines += ["", "![accuracy per method](bars.png)", ""]
-    bar_chart(root / "bars.png", {label(m): {t: mean_ci(cells, t) for t in tasks} for m, cells in groups.items()},
-              titles=titles, title=f"{spec.name}: pass@1 with 95% CI",
-              reference={t: base.accuracy(t) for t in tasks})
+    bar_chart(root / "bars.png",
+              {label(m): {**{t: mean_ci(cells, t) for t in tasks}, **{k: mean_ci(rescored[m], k) for k in extra}}
+               for m, cells in groups.items()},
+              titles={**titles, **extra}, title=f"{spec.name}: pass@1 with 95% CI",
+              reference={**{t: base.accuracy(t) for t in tasks}, **{k: base_rescored.accuracy(k) for k in extra}})
     path = root / "table.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -78,6 +78,8 @@ def bar_chart(path: str | Path, groups: Mapping[str, Mapping[str, Interval]], *,
         means = [100 * v[0] for v in values]
         errors = [[100 * (v[0] - v[1]) for v in values], [100 * (v[2] - v[0]) for v in values]]
         ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="#4c72b0")
+        top = max([100 * v[2] for v in values] + [100 * reference[bench] if reference and bench in reference else 0])
+        ax.set_ylim(0, max(10.0, 1.3 * top))  # head room for the legend; an all-zero panel still has an axis
         if reference is not None and bench in reference:
             ax.axhline(100 * reference[bench], color="gray", linestyle="--", label="base model")
             ax.legend(loc="upper right", fontsize=8)
