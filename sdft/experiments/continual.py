@@ -124,6 +124,12 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
     def label(arm: Arm) -> str:
         return str(spec.methods[arm.method].get("label", arm.method))
 
+    def point(group: list[CellResult]) -> dict:
+        """Accuracy of every task and every secondary column after one stage."""
+        rescored = rescore_cells(spec, root / "cells", group)
+        return {**{t: mean_ci(group, t) for t in titles},
+                **{k: mean_ci(rescored, k) for k in secondary_columns(spec)}}
+
     base_row = ["Base model", "", fmt(mean_ci([base], task_a)), fmt(mean_ci([base], task_b)), ""]
     rows1 = [base_row]
     for arm in arms:
@@ -148,14 +154,12 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
             rows2.append([label(arm), f"{arm.lr:g}", fmt(mean_ci(got2, task_a)), fmt(mean_ci(got2, task_b)),
                           fmt(ratio_ci(got2, got1, task_a)) + " %" if sum(map(sum, (r.scores[task_a] for r in got1)))
                           else f"n/a (stage-1 {title_a} is 0)"])
-            series[f"{label(arm)} lr {arm.lr:g}"] = [
-                {t: mean_ci(group, t) for t in titles} for group in ([base], got1, got2)]
+            series[f"{label(arm)} lr {arm.lr:g}"] = [point(group) for group in ([base], got1, got2)]
         lines += ["", f"## Stage 2: train on {title_b} from the stage-1 model, evaluate both tasks", "",
                   markdown_table(["Method", "LR", title_a, title_b, f"{title_a} retention"], rows2),
                   "", f"Retention = stage-2 {title_a} accuracy / stage-1 {title_a} accuracy (100% = nothing lost)."]
     else:
-        series = {f"{label(arm)} lr {arm.lr:g}": [{t: mean_ci(group, t) for t in titles}
-                                                  for group in ([base], cells(1, arm))] for arm in arms}
+        series = {f"{label(arm)} lr {arm.lr:g}": [point(group) for group in ([base], cells(1, arm))] for arm in arms}
     extra = secondary_columns(spec)
     if extra:
         cells_dir = root / "cells"
@@ -170,7 +174,8 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
         lines += ["", "## Secondary scores (the saved predictions scored with other scorer modes)", "",
                   markdown_table(["Method", "LR", "When"] + list(extra.values()), rows)]
     stage_names = ["base", f"after stage 1\n({title_a})", f"after stage 2\n({title_b})"]
-    stage_plot(root / "stages.png", series, stages=stage_names[:len(next(iter(series.values())))], titles=titles,
+    stage_plot(root / "stages.png", series, stages=stage_names[:len(next(iter(series.values())))],
+               titles={**titles, **secondary_columns(spec)},
                title=f"{spec.name}: accuracy across stages (95% CI)")
     lines += ["", "## Settings", "",
               "- items per task: " + ", ".join(f"{titles[t]} {len(base.scores[t])}" for t in titles),

@@ -120,6 +120,8 @@ def stage_plot(path: str | Path, series: Mapping[str, Sequence[Mapping[str, Inte
             errors = [[100 * (p[bench][0] - p[bench][1]) for p in points],
                       [100 * (p[bench][2] - p[bench][0]) for p in points]]
             ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label)
+        top = max(100 * p[bench][2] for points in series.values() for p in points)
+        ax.set_ylim(0, max(10.0, 1.3 * top))
         ax.set_xticks(range(len(stages)))
         ax.set_xticklabels(stages, fontsize=8)
         ax.set_ylabel("pass@1 (%), 95% CI")
