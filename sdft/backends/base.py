@@ -297,6 +297,17 @@ def check_token_lists(name: str, value) -> list[list[int]]:
     return lists
 
 
+def check_sft_batch(prompt_ids, target_ids, micro_batch_size) -> tuple[list[list[int]], list[list[int]]]:
+    """The arguments of `Backend.sft_step`: one non-empty target per non-empty prompt, as lists."""
+    check_positive_int("micro_batch_size", micro_batch_size)
+    prompts = check_token_lists("prompt_ids", prompt_ids)
+    targets = check_token_lists("target_ids", target_ids)
+    if len(prompts) != len(targets):
+        raise ValueError(f"target_ids must have one target per prompt: got {len(targets)} targets for "
+                         f"{len(prompts)} prompts")
+    return prompts, targets
+
+
 def check_rollouts(rollouts) -> list[Rollout]:
     rollouts = list(rollouts)
     if not rollouts:

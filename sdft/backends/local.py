@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
-                                Targets, TopKTargets, check_positive_int, check_rollouts, check_targets,
-                                check_token_lists, sequence_weights, topk_loss_from_logprobs)
+                                Targets, TopKTargets, check_positive_int, check_rollouts, check_sft_batch,
+                                check_targets, check_token_lists, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
 from sdft.optim import build_optimizer, build_schedule
@@ -374,12 +374,7 @@ class LocalBackend:
                  micro_batch_size: int) -> dict[str, float]:
         """One optimizer step of -sum_i sum_j log p(target_ij | prompt_i, target_i<j) / sum_i len(target_i)
         (cross-entropy, token mean over the whole batch, accumulated over micro-batches)."""
-        check_positive_int("micro_batch_size", micro_batch_size)
-        prompts = check_token_lists("prompt_ids", prompt_ids)
-        targets = check_token_lists("target_ids", target_ids)
-        if len(prompts) != len(targets):
-            raise ValueError(f"target_ids must have one target per prompt: got {len(targets)} targets for "
-                             f"{len(prompts)} prompts")
+        prompts, targets = check_sft_batch(prompt_ids, target_ids, micro_batch_size)
         start_time = time.perf_counter()
         total = sum(len(t) for t in targets)
         self.model.train()

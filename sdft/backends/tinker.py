@@ -66,8 +66,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdft.backends.base import (LossSpec, Rollout, SampledTargets, SamplingParams, Targets, TopKTargets,
-                                check_positive_int, check_rollouts, check_targets, check_token_lists,
-                                sequence_weights, topk_loss_from_logprobs)
+                                check_positive_int, check_rollouts, check_sft_batch, check_targets,
+                                check_token_lists, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses.reference import topk_teacher_weights
 from sdft.optim import SCHEDULES, lr_factor
 
@@ -545,12 +545,7 @@ class TinkerBackend:
                  micro_batch_size: int) -> dict[str, float]:
         """One optimizer step of -sum_i sum_j log p(target_ij | ...) / sum_i len(target_i): built-in
         cross_entropy with weight 1 / (target tokens of the batch) on the target rows."""
-        check_positive_int("micro_batch_size", micro_batch_size)
-        prompts = check_token_lists("prompt_ids", prompt_ids)
-        targets = check_token_lists("target_ids", target_ids)
-        if len(prompts) != len(targets):
-            raise ValueError(f"target_ids must have one target per prompt: got {len(targets)} targets for "
-                             f"{len(prompts)} prompts")
+        prompts, targets = check_sft_batch(prompt_ids, target_ids, micro_batch_size)
         start_time = time.perf_counter()
         total = sum(len(t) for t in targets)
         datums, spans = [], []
