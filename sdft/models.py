@@ -158,13 +158,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.fl
             f"access (`huggingface-cli download {name_or_path}`) and copy the Hugging Face cache or the "
             f"saved folder here, then pass the local folder; or use the packaged {PACKAGED_MODEL!r}"
         ) from error
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {name_or_path!r}: its tokenizer has no chat template; SDFT renders "
-                         "student and teacher prompts with it, so use an instruct/chat model")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"model {name_or_path!r}: the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare_chat_tokenizer(tokenizer, name_or_path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -172,3 +166,34 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.fl
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str, *, cache_dir: str | os.PathLike | None = None):
+    """The chat tokenizer of a model without its weights (the remote Tinker backend runs no model locally):
+    from a local folder or the local Hugging Face cache, else downloaded from the hub. Same checks as
+    `load_model_and_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name_or_path, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as error:
+            raise FileNotFoundError(f"model.name={name_or_path!r}: its tokenizer is neither local nor downloadable "
+                                    f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); pass "
+                                    "a folder or hub id that has it") from error
+    return _prepare_chat_tokenizer(tokenizer, name_or_path)
+
+
+def _prepare_chat_tokenizer(tokenizer, name_or_path: str):
+    """Require a chat template (student and teacher prompts are rendered with it); pad falls back to eos."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {name_or_path!r}: its tokenizer has no chat template; SDFT renders "
+                         "student and teacher prompts with it, so use an instruct/chat model")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name_or_path!r}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -49,37 +49,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_tokenizer(name_or_path: str, *, cache_dir=None):
-    """The chat tokenizer of a model without its weights (the remote Tinker backend runs no model locally):
-    from a local folder or the local Hugging Face cache, else downloaded from the hub."""
-    from transformers import AutoTokenizer
-
-    from sdft.models import resolve_model_path
-
-    source = resolve_model_path(name_or_path, cache_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except OSError:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as error:
-            raise FileNotFoundError(f"model.name={name_or_path!r}: its tokenizer is neither local nor downloadable "
-                                    f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); the "
-                                    "Tinker backend renders prompts with it, so pass a folder or hub id that has it"
-                                    ) from error
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {name_or_path!r}: its tokenizer has no chat template; SDFT renders student and "
-                         "teacher prompts with it, so use an instruct/chat model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _tinker_parts(config: Config, run_dir: Path, device=None):
     """(tokenizer, service client or None) for backend.kind=tinker: offline serves model.name locally (on
     `device` when given); remote checks TINKER_API_KEY first and loads only the tokenizer."""
     from sdft.backends.local import DTYPES
-    from sdft.models import load_model_and_tokenizer
+    from sdft.models import load_model_and_tokenizer, load_tokenizer
 
     if config.backend.tinker_service == "offline":
         from sdft.build import build_offline_tinker_service
@@ -98,7 +72,7 @@ def _tinker_parts(config: Config, run_dir: Path, device=None):
 def validate_run(config: Config) -> list[str]:
     """Check a config offline without training: the model and tokenizer load (chat template present), the
     data loads, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
-    from sdft.models import load_model_and_tokenizer, resolve_model_path
+    from sdft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, loss {config.loss.targets}, "
              f"backend {config.backend.kind})"]

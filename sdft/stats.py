@@ -57,10 +57,7 @@ def paired_difference_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: 
     both is item i under seed s. Each resample draws the same seeds and items for both, which is the
     bootstrap of the per-position differences.
     """
-    left, right = _as_matrix(a, "a"), _as_matrix(b, "b")
-    if left.shape != right.shape:
-        raise ValueError(f"paired_difference_ci: a has shape {np.shape(a)} and b has shape {np.shape(b)}; "
-                         "they must be equal (the same seeds and items, aligned)")
+    left, right = _aligned(a, b, "paired_difference_ci")
     return _bootstrap(left - right, confidence, n_resamples, seed)
 
 
@@ -69,10 +66,7 @@ def paired_ratio_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: int =
     """Paired bootstrap interval for mean(a) / mean(b) (e.g. retention = accuracy after / before);
     returns (ratio, low, high), NaN where mean(b) is 0. Alignment and resampling as `paired_difference_ci`.
     Resamples where mean(b) is 0 are dropped from the interval."""
-    left, right = _as_matrix(a, "a"), _as_matrix(b, "b")
-    if left.shape != right.shape:
-        raise ValueError(f"paired_ratio_ci: a has shape {np.shape(a)} and b has shape {np.shape(b)}; "
-                         "they must be equal (the same seeds and items, aligned)")
+    left, right = _aligned(a, b, "paired_ratio_ci")
     _check_confidence(confidence)
     if right.mean() == 0:
         return float("nan"), float("nan"), float("nan")
@@ -107,6 +101,14 @@ def _resampled_means(matrix: np.ndarray, n_resamples: int, seed: int) -> np.ndar
     else:
         means = per_seed[:, 0]
     return means
+
+
+def _aligned(a: Any, b: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    left, right = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if left.shape != right.shape:
+        raise ValueError(f"{caller}: a has shape {np.shape(a)} and b has shape {np.shape(b)}; "
+                         "they must be equal (the same seeds and items, aligned)")
+    return left, right
 
 
 def _as_matrix(values: Any, name: str) -> np.ndarray:

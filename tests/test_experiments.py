@@ -270,3 +270,11 @@ def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, p
     for cell in cells:
         assert [b.name for b in cell.config.eval.benchmarks] == list(spec.tasks)
         assert cell.config.resume and cell.config.data.split == "none"
+
+
+def test_a_changed_split_is_refused(tmp_path):
+    task = load_spec(_write_spec(tmp_path, "unused", "ablation")).tasks["tool"]
+    prepare_task(task, tmp_path / "data")
+    moved = dataclasses.replace(task, split_seed=task.split_seed + 1, test_fraction=0.5)
+    with pytest.raises(ValueError, match="holds a different split"):
+        prepare_task(moved, tmp_path / "data")

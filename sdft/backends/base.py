@@ -297,6 +297,16 @@ def check_token_lists(name: str, value) -> list[list[int]]:
     return lists
 
 
+def check_train_step(rollouts, targets, spec, micro_batch_size) -> list[Rollout]:
+    """The arguments of `Backend.train_step`: a LossSpec, rollouts, targets matching both; returns the rollouts."""
+    check_positive_int("micro_batch_size", micro_batch_size)
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be a LossSpec, got {type(spec).__name__}")
+    rollouts = check_rollouts(rollouts)
+    check_targets(targets, spec, rollouts)
+    return rollouts
+
+
 def check_sft_batch(prompt_ids, target_ids, micro_batch_size) -> tuple[list[list[int]], list[list[int]]]:
     """The arguments of `Backend.sft_step`: one non-empty target per non-empty prompt, as lists."""
     check_positive_int("micro_batch_size", micro_batch_size)

@@ -20,7 +20,7 @@ from torch import nn
 
 from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
                                 Targets, TopKTargets, check_positive_int, check_rollouts, check_sft_batch,
-                                check_targets, check_token_lists, sequence_weights, topk_loss_from_logprobs)
+                                check_token_lists, check_train_step, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
 from sdft.optim import build_optimizer, build_schedule
@@ -265,11 +265,7 @@ class LocalBackend:
         step), grad_norm (before clipping), is_weight_mean (mean per-sequence truncated IS weight; a
         diagnostic of sampler/trainer mismatch, applied only when is_clip is set).
         """
-        check_positive_int("micro_batch_size", micro_batch_size)
-        if not isinstance(spec, LossSpec):
-            raise ValueError(f"spec must be a LossSpec, got {type(spec).__name__}")
-        rollouts = check_rollouts(rollouts)
-        check_targets(targets, spec, rollouts)
+        rollouts = check_train_step(rollouts, targets, spec, micro_batch_size)
         start_time = time.perf_counter()
         n = len(rollouts)
         counted, seq_weight = sequence_weights(rollouts, spec)

@@ -66,8 +66,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdft.backends.base import (LossSpec, Rollout, SampledTargets, SamplingParams, Targets, TopKTargets,
-                                check_positive_int, check_rollouts, check_sft_batch, check_targets,
-                                check_token_lists, sequence_weights, topk_loss_from_logprobs)
+                                check_positive_int, check_rollouts, check_sft_batch,
+                                check_token_lists, check_train_step, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses.reference import topk_teacher_weights
 from sdft.optim import SCHEDULES, lr_factor
 
@@ -372,10 +372,8 @@ class TinkerBackend:
         """One optimizer step of the distillation loss over all rollouts (see the module docstring for the
         datums); the objective and the metrics are those of `LocalBackend.train_step`. Entropies and, on
         the built-in cross_entropy path, the importance weight are not available on Tinker (NaN)."""
-        check_positive_int("micro_batch_size", micro_batch_size)
+        rollouts = check_train_step(rollouts, targets, spec, micro_batch_size)
         self._check_spec(spec)
-        rollouts = check_rollouts(rollouts)
-        check_targets(targets, spec, rollouts)
         start_time = time.perf_counter()
         n = len(rollouts)
         counted, seq_weight = sequence_weights(rollouts, spec)

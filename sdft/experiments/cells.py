@@ -101,10 +101,12 @@ def run_cells(cells: Sequence[Cell], *, log: Callable[[str], None] = print, **ru
     for cell in cells:
         check_unchanged(cell)
     results: dict[str, CellResult] = {}
-    todo = [c for c in cells if read_result(c) is None]
+    todo = []
     for cell in cells:
         if (done := read_result(cell)) is not None:
             results[cell.name] = done
+        else:
+            todo.append(cell)
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished: skipped")
     spent: list[float] = []

@@ -13,6 +13,7 @@ intervals: accuracy per task, change vs the base model, task-A retention) and st
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -124,18 +125,19 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
     def label(arm: Arm) -> str:
         return str(spec.methods[arm.method].get("label", arm.method))
 
-    def point(group: list[CellResult]) -> dict:
-        """Accuracy of every task and every secondary column after one stage."""
-        rescored = rescore_cells(spec, root / "cells", group)
-        return {**{t: mean_ci(group, t) for t in titles},
-                **{k: mean_ci(rescored, k) for k in secondary_columns(spec)}}
+    extra = secondary_columns(spec)
 
-    base_row = ["Base model", "", fmt(mean_ci([base], task_a)), fmt(mean_ci([base], task_b)), ""]
-    rows1 = [base_row]
+    def point(group: list[CellResult]) -> dict:
+        """Interval of every task and every secondary column for one group of cells (one stage of one arm)."""
+        rescored = rescore_cells(spec, root / "cells", group)
+        return {**{t: mean_ci(group, t) for t in titles}, **{k: mean_ci(rescored, k) for k in extra}}
+
+    # points[arm] = intervals at base, after stage 1 and (when run) after stage 2
+    points = {arm: [point(g) for g in ([base], cells(1, arm), cells(2, arm)) if g is not None] for arm in arms}
+    rows1 = [["Base model", "", fmt(points[arms[0]][0][task_a]), fmt(points[arms[0]][0][task_b]), ""]]
     for arm in arms:
-        got = cells(1, arm)
-        rows1.append([label(arm), f"{arm.lr:g}", fmt(mean_ci(got, task_a)), fmt(mean_ci(got, task_b)),
-                      fmt(difference_ci(got, [base], task_b), signed=True)])
+        rows1.append([label(arm), f"{arm.lr:g}", fmt(points[arm][1][task_a]), fmt(points[arm][1][task_b]),
+                      fmt(difference_ci(cells(1, arm), [base], task_b), signed=True)])
     lines = [f"# Continual learning {spec.name}" + (f" (preset {spec.preset})" if spec.preset else ""), "",
              f"Stage 1 trains on {title_a} from the base model; stage 2 trains on {title_b} from each stage-1 model. "
              f"Both tasks are evaluated after every stage. {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
@@ -144,38 +146,26 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
     lines += [f"- {note}" for note in spec.notes + [d.note for d in data.values()]]
     lines += ["", f"## Stage 1: train on {title_a}, evaluate both tasks", "",
               markdown_table(["Method", "LR", title_a, title_b, f"{title_b} Δ vs base"], rows1)]
-    series = {}
-    if any(cells(2, arm) is not None for arm in arms):
+    staged = [arm for arm in arms if len(points[arm]) == 3]
+    if staged:
         rows2 = []
-        for arm in arms:
-            got1, got2 = cells(1, arm), cells(2, arm)
-            if got2 is None:
-                continue
-            rows2.append([label(arm), f"{arm.lr:g}", fmt(mean_ci(got2, task_a)), fmt(mean_ci(got2, task_b)),
-                          fmt(ratio_ci(got2, got1, task_a)) + " %" if sum(map(sum, (r.scores[task_a] for r in got1)))
-                          else f"n/a (stage-1 {title_a} is 0)"])
-            series[f"{label(arm)} lr {arm.lr:g}"] = [point(group) for group in ([base], got1, got2)]
+        for arm in staged:
+            retention = ratio_ci(cells(2, arm), cells(1, arm), task_a)  # NaN when stage-1 accuracy is 0
+            rows2.append([label(arm), f"{arm.lr:g}", fmt(points[arm][2][task_a]), fmt(points[arm][2][task_b]),
+                          f"n/a (stage-1 {title_a} is 0)" if math.isnan(retention[0]) else fmt(retention) + " %"])
         lines += ["", f"## Stage 2: train on {title_b} from the stage-1 model, evaluate both tasks", "",
                   markdown_table(["Method", "LR", title_a, title_b, f"{title_a} retention"], rows2),
                   "", f"Retention = stage-2 {title_a} accuracy / stage-1 {title_a} accuracy (100% = nothing lost)."]
-    else:
-        series = {f"{label(arm)} lr {arm.lr:g}": [point(group) for group in ([base], cells(1, arm))] for arm in arms}
-    extra = secondary_columns(spec)
     if extra:
-        cells_dir = root / "cells"
-        rows = [["Base model", "", "base"] + [fmt(mean_ci(rescore_cells(spec, cells_dir, [base]), k)) for k in extra]]
+        rows = [["Base model", "", "base"] + [fmt(points[arms[0]][0][k]) for k in extra]]
         for stage in (1, 2):
-            for arm in arms:
-                got = cells(stage, arm)
-                if got is not None:
-                    rescored = rescore_cells(spec, cells_dir, got)
-                    rows.append([label(arm), f"{arm.lr:g}", f"after stage {stage}"]
-                                + [fmt(mean_ci(rescored, k)) for k in extra])
+            rows += [[label(arm), f"{arm.lr:g}", f"after stage {stage}"] + [fmt(points[arm][stage][k]) for k in extra]
+                     for arm in arms if len(points[arm]) > stage]
         lines += ["", "## Secondary scores (the saved predictions scored with other scorer modes)", "",
                   markdown_table(["Method", "LR", "When"] + list(extra.values()), rows)]
     stage_names = ["base", f"after stage 1\n({title_a})", f"after stage 2\n({title_b})"]
-    stage_plot(root / "stages.png", series, stages=stage_names[:len(next(iter(series.values())))],
-               titles={**titles, **secondary_columns(spec)},
+    stage_plot(root / "stages.png", {f"{label(arm)} lr {arm.lr:g}": points[arm] for arm in (staged or arms)},
+               stages=stage_names[:3 if staged else 2], titles={**titles, **extra},
                title=f"{spec.name}: accuracy across stages (95% CI)")
     lines += ["", "## Settings", "",
               "- items per task: " + ", ".join(f"{titles[t]} {len(base.scores[t])}" for t in titles),

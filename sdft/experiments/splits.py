@@ -7,6 +7,7 @@ API is ever trained on; or at random with a fixed seed).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from sdft.data import load_examples, split_examples
 from sdft.experiments.spec import TaskSpec
-from sdft.io import fsync_dir
+from sdft.io import atomic_write_json, fsync_dir
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,20 @@ def prepare_task(task: TaskSpec, root: str | os.PathLike) -> TaskData:
             f"{task.split_seed}): {len(train)} train / {len(test)} test rows")
     if task.split == "api":
         note += "; test APIs (never trained on): " + ", ".join(sorted({e.id.rsplit('/', 1)[0] for e in test}))
-    if not (train_dir.exists() and test_dir.exists()):
+    record = {"source": str(source), "train_ids": [e.id for e in train], "test_ids": [e.id for e in test]}
+    manifest = folder / "split.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()) != record:
+            raise ValueError(f"task {task.name!r}: {folder} holds a different split (source, split rule or "
+                             "seed changed); cells trained on it would be mixed with the new one: delete the "
+                             "experiment folder or give the experiment another name")
+    else:
         from datasets import load_from_disk
 
         rows = load_from_disk(str(source))
         for part, target in ((train, train_dir), (test, test_dir)):
             _write_rows(rows.select([_row_index(e.id) for e in part]), target)
+        atomic_write_json(manifest, record)  # written last: its presence means both parts are complete
     return TaskData(train=str(train_dir), test=str(test_dir), note=note)
 
 
