@@ -36,7 +36,14 @@ Tool use (`score_tool_calls`), three modes:
 Multiple choice (`score_mcq`): ``"official"`` is
 ``text.split("<answer>")[-1].split("</answer>")[0].strip() == answer``; ``"lenient"`` accepts that, else
 extracts a letter with the fallbacks, in order: the last "The answer is X", the last line that is
-exactly one of A-D, the last standalone A-D letter.
+exactly one of A-D or starts with an option label, the last standalone A-D letter.
+
+Echoed options are not answers. An option-label line starts with a letter A-D and ``:``, ``.`` or ``)``
+(``^\s*[A-D]\s*[:.)]``), followed by the option text or by nothing (an echo cut off after its last label).
+When the label lines of a completion carry two or more distinct letters ("A: 53.2 mmHg\nB: 55."), they
+are an echo of the options: every label line is ignored by all three fallbacks, so an echo alone gives
+no answer and a later "The answer is B" or a line "B" still does. Label lines that carry a single
+letter ("B: 55.7 mmHg") are an answer: that letter.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ _BRACKET_TAG = re.compile(r"^\s*\[[^\]\n]*\]\s*")
 _THINKING_TAGS = ("think", "reasoning")
 _ANSWER_IS = re.compile(r"(?i:the answer is)\s*:?\s*[(*]*([A-D])\b")
 _STANDALONE_LETTER = re.compile(r"\b([A-D])\b")
+_OPTION_LABEL = re.compile(r"^\s*([A-D])\s*[:.)]")
 
 
 # ----------------------------------------------------------------------------------------- tool use
@@ -208,14 +216,22 @@ def score_mcq(text: str, answer: str, mode: str = "official") -> bool:
 
 
 def extract_mcq_letter(text: str) -> str | None:
-    """The lenient fallbacks, in order: "The answer is X", a line that is exactly A-D, the last A-D."""
-    found = _ANSWER_IS.findall(text)
+    """The lenient fallbacks, in order: the last "The answer is X", the last line that is exactly A-D or
+    an option label, the last standalone A-D; label lines are skipped when they echo several options."""
+    lines = text.splitlines()
+    labels = [_OPTION_LABEL.match(line) for line in lines]
+    if len({match.group(1) for match in labels if match}) > 1:  # an echo of the options
+        lines = [line for line, match in zip(lines, labels) if not match]
+        labels = [None] * len(lines)
+    kept = "\n".join(lines)
+    found = _ANSWER_IS.findall(kept)
     if found:
         return found[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip() in MCQ_LETTERS]
-    if lines:
-        return lines[-1]
-    found = _STANDALONE_LETTER.findall(text)
+    answers = [match.group(1) if match else line.strip() for line, match in zip(lines, labels)
+               if match or line.strip() in MCQ_LETTERS]
+    if answers:
+        return answers[-1]
+    found = _STANDALONE_LETTER.findall(kept)
     return found[-1] if found else None
 
 

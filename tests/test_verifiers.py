@@ -188,6 +188,25 @@ def test_mcq_lenient_fallbacks_in_order():
     assert extract_mcq_letter("no letter") is None
 
 
+def test_mcq_lenient_ignores_echoed_options():
+    echo = "A: 53.2 mmHg\nB: 55.7 mmHg\nC: 58.3 mmHg\nD: 51.4 mmHg"
+    assert extract_mcq_letter(echo) is None  # not "D", the last letter of the echo
+    assert extract_mcq_letter(echo + "\nThe answer is B.") == "B"
+    assert extract_mcq_letter(echo + "\n\nC") == "C"  # a line that is exactly a letter
+    assert extract_mcq_letter("A) 53.2\nB. 55.7\nC:") is None  # any label style, an echo cut off after C
+    # science/2 of the tiny ablation (16 new tokens): an echo cut short, not the answer B
+    assert not score_mcq("A: 53.2 mmHg\nB: 55.", "B", mode="lenient")
+    assert extract_mcq_letter("A: -2.36\nB: 0.38\n") is None
+
+
+def test_mcq_lenient_single_labelled_line_is_an_answer():
+    assert score_mcq("B: 55.7 mmHg", "B", mode="lenient")
+    assert extract_mcq_letter("D: CCOC(=O)C(C") == "D"  # the label, not the last standalone letter (C)
+    assert extract_mcq_letter("C:\n\nC:\n\nC:") == "C"  # one letter repeated is not an echo
+    assert extract_mcq_letter("Thinking about it.\nB: 55.7 mmHg because of Raoult's law") == "B"
+    assert not score_mcq("B: 55.7 mmHg", "B")  # official unchanged
+
+
 def test_mcq_errors():
     with pytest.raises(ValueError, match="'official', 'lenient'"):
         score_mcq("A", "A", mode="loose")
