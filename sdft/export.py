@@ -15,25 +15,11 @@ from sdft.io import fsync_dir
 
 def export_student(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Load run_dir/config.yaml and the run's latest checkpoint, save the student to `out_dir`."""
-    from sdft.build import build_local_backend
-    from sdft.checkpoint import latest_checkpoint, load_checkpoint
-    from sdft.config import load_config
-    from sdft.models import load_model_and_tokenizer
+    from sdft.eval_run import load_run_student
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
-    config = load_config(config_path)
-    if config.backend.kind != "local":
-        raise ValueError(f"{config_path}: backend.kind={config.backend.kind!r}; only local runs can be exported "
-                         "as a model folder")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to export")
-    model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
-    backend = build_local_backend(config, model, tokenizer, steps=1)
-    backend.load_state_tensors(load_checkpoint(checkpoint).tensors)
+    loaded = load_run_student(run_dir)
+    backend, tokenizer, config = loaded.backend, loaded.tokenizer, loaded.config
     if config.student.mode == "lora":  # merge only the student adapter (an EMA/sync teacher adds a second one)
         peft_model = backend.model
         student = peft_model.merge_and_unload(adapter_names=[peft_model.active_adapter])

@@ -449,6 +449,33 @@ class LocalBackend:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def greedy_generate_fn(causal_lm: nn.Module, tokenizer, *, batch_size: int = 8,
+                       eos_token_ids: Sequence[int] | None = None):
+    """A `sdft.evaluation.GenerateFn` for a plain causal LM: greedy `decode_batch` over `batch_size` prompts
+    at a time (eval mode, no grad; training mode restored), stopping at the model's or tokenizer's EOS.
+    The same decoding as `LocalBackend.generate_greedy`, without a backend around the model."""
+    check_positive_int("batch_size", batch_size)
+    eos = _eos_ids(causal_lm, tokenizer, eos_token_ids)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+
+    def generate(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        check_positive_int("max_new_tokens", max_new_tokens)
+        prompts = check_token_lists("prompt_ids", prompt_ids)
+        was_training = causal_lm.training
+        causal_lm.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(prompts), batch_size):
+                    out.extend(ids for ids, _, _ in decode_batch(
+                        causal_lm, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                        temperature=1.0, top_p=1.0, greedy=True, pad_token_id=pad, eos_token_ids=eos))
+        finally:
+            causal_lm.train(was_training)
+        return out
+    return generate
+
+
 def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float, top_p: float, greedy: bool, pad_token_id: int, eos_token_ids: Sequence[int],
                  generator: torch.Generator | None = None,

@@ -1,0 +1,131 @@
+"""Evaluation outside training: a model, or a local run's student at one of its checkpoints, on the
+benchmarks of a config (`eval.benchmarks`), decoded greedily exactly as during training.
+
+The base model (no run) is decoded with the plain causal LM, which gives the completions of a run's
+evaluation before training; a run's student is rebuilt from its config.yaml and checkpoint on the local
+backend (LoRA adapter left unmerged), which gives the completions of the run's own evaluation at that
+step. Outputs in `out_dir`: predictions/<benchmark>.jsonl, results.json and results.md (pass@1 with its
+Wilson 95% interval per benchmark).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdft.config import Config, load_config
+from sdft.io import atomic_write_json, atomic_write_text
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+@dataclass(frozen=True)
+class RunStudent:
+    """A local run's student rebuilt from its folder: the backend holding it, its tokenizer, the run's
+    config and the checkpoint folder whose weights were loaded."""
+    backend: object
+    tokenizer: object
+    config: Config
+    checkpoint: Path
+
+
+def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+                     overrides: list[str] | tuple[str, ...] = (), device=None) -> RunStudent:
+    """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
+    `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints, or a path; default:
+    the latest complete checkpoint)."""
+    from sdft.build import build_local_backend
+    from sdft.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from sdft.models import load_model_and_tokenizer
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
+    config = load_config(config_path, list(overrides))
+    if config.backend.kind != "local":
+        raise ValueError(f"{config_path}: backend.kind={config.backend.kind!r}; only local runs can be rebuilt "
+                         "here (a Tinker run's weights live on the Tinker service)")
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    else:
+        candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
+        path = next((c for c in candidates if (c / "state.json").is_file()), None)
+        if path is None:
+            names = [p.name for p in list_checkpoints(run_dir)]
+            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
+                                    f"complete checkpoints: {names or 'none'}")
+    model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+    backend = build_local_backend(config, model, tokenizer, steps=1, device=device)
+    backend.load_state_tensors(load_checkpoint(path).tensors)
+    return RunStudent(backend=backend, tokenizer=tokenizer, config=config, checkpoint=path)
+
+
+def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+                   checkpoint: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                   device=None) -> dict:
+    """Evaluate config.model.name (run_dir None) or the student of the run in `run_dir` (its own config with
+    `overrides`; `config` is then ignored) on the configured benchmarks; write the outputs to `out_dir`
+    (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>).
+
+    Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: {"split", "n",
+    "correct", "pass_at_1", "ci_low", "ci_high", "max_new_tokens", "per_item"}}}.
+    """
+    from sdft.backends.local import DTYPES, greedy_generate_fn
+    from sdft.build import build_benchmarks, load_run_data
+    from sdft.evaluation import evaluate
+    from sdft.models import load_model_and_tokenizer
+
+    if run_dir is not None:
+        student = load_run_student(run_dir, checkpoint=checkpoint, overrides=overrides, device=device)
+        config, tokenizer = student.config, student.tokenizer
+        generate = lambda prompts, n: student.backend.generate_greedy(  # noqa: E731
+            prompts, n, batch_size=config.eval.batch_size)
+        described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name}
+    else:
+        if config is None:
+            raise ValueError("give a config (to evaluate its model.name) or a run folder")
+        if checkpoint is not None:
+            raise ValueError("a checkpoint needs the run folder it belongs to (run_dir)")
+        if config.backend.kind != "local":
+            raise ValueError(f"backend.kind={config.backend.kind!r}: only local models are evaluated here; "
+                             "set backend.kind=local to evaluate model.name on this machine")
+        model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
+                                                    cache_dir=config.model.cache_dir)
+        if device is not None:
+            model.to(device)
+        generate = greedy_generate_fn(model, tokenizer, batch_size=config.eval.batch_size)
+        described = {"run": None, "checkpoint": None}
+    if not config.eval.benchmarks:
+        raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")
+    data = load_run_data(config)
+    if out_dir is None:
+        out_dir = (Path(run_dir) / "eval" / described["checkpoint"] if run_dir is not None
+                   else Path(config.output_dir) / "eval" / Path(config.model.name.rstrip("/")).name)
+    out_dir = Path(out_dir)
+    report = {"model": config.model.name, **described, "out_dir": str(out_dir), "benchmarks": {}}
+    for benchmark, max_items in build_benchmarks(config, data.heldout):
+        result = evaluate(benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+                          max_items=max_items, predictions_path=out_dir / "predictions" / f"{benchmark.name}.jsonl")
+        report["benchmarks"][benchmark.name] = {
+            "split": result.split, "n": result.n, "correct": result.correct, "pass_at_1": result.pass_at_1,
+            "ci_low": result.ci_low, "ci_high": result.ci_high, "max_new_tokens": benchmark.max_new_tokens,
+            "per_item": [int(x) for x in result.per_item]}
+    atomic_write_json(out_dir / RESULTS_JSON, report)
+    atomic_write_text(out_dir / RESULTS_MD, results_markdown(report))
+    return report
+
+
+def results_markdown(report: dict) -> str:
+    """A markdown table of a results.json report: benchmark, items, pass@1 and its 95% interval."""
+    what = report["model"] if report["run"] is None else f"{report['run']} at {report['checkpoint']}"
+    lines = [f"# Evaluation of {what}", "", "| benchmark | items | new tokens | pass@1 (%) | 95% CI (Wilson) |",
+             "|---|---:|---:|---:|---|"]
+    for name, row in report["benchmarks"].items():
+        lines.append(f"| {name} | {row['n']} | {row['max_new_tokens']} | {100 * row['pass_at_1']:.1f} | "
+                     f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] |")
+    return "\n".join(lines) + "\n"
+
