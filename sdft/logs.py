@@ -15,7 +15,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -41,26 +41,38 @@ class MetricsLogger:
 
     `resume_step=None` starts a fresh file. With `resume_step=N`, rows with step > N (written after the
     checkpoint being resumed) are dropped first by an atomic rewrite, and TensorBoard discards its events
-    after step N, so a resumed run has no duplicate rows.
+    after step N, so a resumed run has no duplicate rows. `keep_at_resume_step` (a collection of splits)
+    also drops the rows at step N of the other splits, for a run that logs step N again (a finished run
+    evaluated again from its final checkpoint keeps its last train row and replaces its final evaluation);
+    TensorBoard then discards its events from step N and gets the kept rows of step N again.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None,
+                 keep_at_resume_step: Collection[str] | None = None):
+        if keep_at_resume_step is not None and resume_step is None:
+            raise ValueError("MetricsLogger: keep_at_resume_step needs a resume_step")
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept: list[dict[str, Any]] = []
         if resume_step is None:
             atomic_write_text(self.path, "")
         else:
-            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step] \
-                if self.path.exists() else []
+            kept = [row for row in read_metrics(self.path) if row["step"] < resume_step or (
+                row["step"] == resume_step and (keep_at_resume_step is None or row["split"] in keep_at_resume_step))
+            ] if self.path.exists() else []
             atomic_write_jsonl(self.path, kept)
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + 1
+            purge = None if resume_step is None else resume_step + (keep_at_resume_step is None)
             self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+            if keep_at_resume_step is not None:
+                for row in kept:
+                    if row["step"] == resume_step:
+                        self._add_scalars(row["step"], row["split"], row["metrics"])
 
     def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Append one row; numbers (Python, NumPy or 0-d tensors) also go to TensorBoard."""
@@ -83,10 +95,13 @@ class MetricsLogger:
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._writer is not None:
-            for key, value in row_metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(metric_tag(split, key), value, global_step=step)
-            self._writer.flush()
+            self._add_scalars(step, split, row_metrics)
+
+    def _add_scalars(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(metric_tag(split, key), value, global_step=step)
+        self._writer.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -78,10 +78,13 @@ def sdft_step_fn(config: Config, *, rank: int = 0, world_size: int = 1) -> StepF
 
 @dataclass
 class RunResult:
+    """`start_step`: the checkpoint step the run resumed from (0: from the start); equal to `steps` when
+    a finished run was only evaluated again."""
     run_dir: Path
     steps: int
     scores_before: dict[str, EvalResult] = field(default_factory=dict)
     scores_after: dict[str, EvalResult] = field(default_factory=dict)
+    start_step: int = 0
 
 
 def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
@@ -125,6 +128,9 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
 
     With config.resume and a checkpoint in run_dir, continues after its step with the same weights,
     optimizer, schedule, RNG streams and batch order; metrics rows past the checkpoint are dropped.
+    Resuming from the final step's checkpoint runs no step: the final evaluation is done again with the
+    current eval settings (its metrics rows, predictions and summary.md replace the earlier ones; the
+    checkpoint, the train rows, and the evaluations before and during training are kept).
     `stop_after` ends the run early after that step (without the final evaluation), for tests and
     time-boxed jobs; `is_main_process` = False writes nothing (other ranks of a distributed run).
     """
@@ -141,8 +147,11 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     if is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / "config.yaml")
+    last = steps if stop_after is None else min(steps, stop_after)
+    reevaluate = checkpoint_path is not None and start_step == last == steps  # only the final evaluation again
     logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard,
-                           resume_step=start_step if checkpoint_path is not None else None) if is_main_process else None
+                           resume_step=start_step if checkpoint_path is not None else None,
+                           keep_at_resume_step=("train",) if reevaluate else None) if is_main_process else None
 
     def log(step, split, metrics):
         if logger is not None:
@@ -161,7 +170,6 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
                         state={"step": step, "scores_before": _result_to_state(scores_before)},
                         keep_last=config.checkpoint.keep_last, rng=capture_rng_state())
 
-    last = steps if stop_after is None else min(steps, stop_after)
     with ProgressBar(steps, initial=start_step, desc=config.run_name,
                      enabled=config.logging.progress and is_main_process) as bar:
         for step in range(start_step + 1, last + 1):
@@ -182,12 +190,13 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     if last < steps:
         if logger is not None:
             logger.close()
-        return RunResult(run_dir=run_dir, steps=last, scores_before=scores_before)
+        return RunResult(run_dir=run_dir, steps=last, scores_before=scores_before, start_step=start_step)
 
     scores_after = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag="")
     for split in sorted({r.split for r in scores_after.values()}):
         log(steps, split, _eval_metrics({k: v for k, v in scores_after.items() if v.split == split}))
-    save(steps)
+    if not reevaluate:  # a re-evaluation keeps the final checkpoint it loaded
+        save(steps)
     if logger is not None:
         logger.close()
     if is_main_process:
@@ -196,4 +205,5 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         write_summary(run_dir / "summary.md", title=f"{config.algorithm.upper()} run {config.run_name}",
                       config=config_to_dict(config), scores_before=scores_before, scores_after=scores_after,
                       notes=list(notes))
-    return RunResult(run_dir=run_dir, steps=steps, scores_before=scores_before, scores_after=scores_after)
+    return RunResult(run_dir=run_dir, steps=steps, scores_before=scores_before, scores_after=scores_after,
+                     start_step=start_step)

@@ -39,7 +39,7 @@ extracts a letter with the fallbacks, in order: the last "The answer is X", the 
 exactly one of A-D or starts with an option label, the last standalone A-D letter.
 
 Echoed options are not answers. An option-label line starts with a letter A-D and ``:``, ``.`` or ``)``
-(``^\s*[A-D]\s*[:.)]``), followed by the option text or by nothing (an echo cut off after its last label).
+(``^\\s*[A-D]\\s*[:.)]``), followed by the option text or by nothing (an echo cut off after its last label).
 When the label lines of a completion carry two or more distinct letters ("A: 53.2 mmHg\nB: 55."), they
 are an echo of the options: every label line is ignored by all three fallbacks, so an echo alone gives
 no answer and a later "The answer is B" or a line "B" still does. Label lines that carry a single

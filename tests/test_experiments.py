@@ -2,6 +2,7 @@
 reports, run end to end on a tiny model (real training, evaluation, export and reload)."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from sdft.experiments.cli import parse_selection
 from sdft.experiments.continual import run_continual
 from sdft.experiments.spec import load_spec
 from sdft.experiments.splits import prepare_task
+from sdft.logs import read_metrics
 from sdft.stats import paired_ratio_ci
 from tests.test_data import save_rows, tooluse_row
 
@@ -111,12 +113,104 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
         run_ablation(changed, results_dir=tmp_path / "results", train_fn=again, log=lines.append)  # accuracy, per seed, vs reference, vs base
 
 
-def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, tiny_model_dir):
+def _with_benchmark(spec, task, **fields):
+    """`spec` with fields of one task's benchmark replaced (an eval-only change of every cell)."""
+    tasks = dict(spec.tasks)
+    tasks[task] = dataclasses.replace(tasks[task], benchmark={**tasks[task].benchmark, **fields})
+    return dataclasses.replace(spec, tasks=tasks)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _no_training_step(monkeypatch):
+    """Make any optimizer step of a run fail the test."""
+    def refuse(config, **kwargs):
+        def step(backend, batch, step):
+            raise AssertionError(f"{config.run_name}: a training step ran (step {step})")
+        return step
+    monkeypatch.setattr("sdft.runner.sdft_step_fn", refuse)
+    monkeypatch.setattr("sdft.runner.sft_step_fn", refuse)
+
+
+def test_changed_eval_settings_reevaluate_finished_cells_without_training(tmp_path, tiny_model_dir, monkeypatch):
+    spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "ablation"), "small")
+    results = tmp_path / "results"
+    run_ablation(spec, results_dir=results, seeds=[0], log=lambda _: None)
+    cells = results / "abl_small" / "cells"
+    names = ["base", "topk_seed0", "sft_seed0"]
+    before = {name: {"checkpoints": _files(cells / name / "checkpoints"),
+                     "metrics": read_metrics(cells / name / "metrics.jsonl"),
+                     "result": (cells / name / RESULT_FILE).read_text()} for name in names}
+    predictions = {"topk_seed0": "sci.jsonl", "base": "sci.before.jsonl"}  # the base cell evaluates before training
+    old_sci = {name: _predictions(cells / name / "predictions" / file) for name, file in predictions.items()}
+    assert before["base"]["checkpoints"] == {}  # the base cell is only evaluated: no checkpoint
+
+    _no_training_step(monkeypatch)
+    longer = _with_benchmark(spec, "sci", max_new_tokens=8)
+    train, lines = CountingTrain(), []
+    table = run_ablation(longer, results_dir=results, seeds=[0], train_fn=train, log=lines.append)
+    assert train.calls == names
+    assert "3 finished cell(s) to re-evaluate (no training): eval settings changed" in lines
+    assert any(line.startswith("[cell 2/3] topk_seed0: re-evaluated from its final checkpoint") and
+               "eval.benchmarks[sci].max_new_tokens: 3 -> 8" in line and "cell.previous.json" in line
+               for line in lines), lines
+    for name in names:
+        folder = cells / name
+        assert _files(folder / "checkpoints") == before[name]["checkpoints"]  # no step, nothing re-saved
+        assert (folder / "cell.previous.json").read_text() == before[name]["result"]
+        assert "max_new_tokens: 3" in (folder / "config.previous.yaml").read_text()
+        assert "max_new_tokens: 8" in (folder / "config.yaml").read_text()
+        if name != "base":  # the base cell stops before the final evaluation and writes no summary
+            assert "max_new_tokens: 8" in (folder / "summary.md").read_text()
+        rows = read_metrics(folder / "metrics.jsonl")
+        old_rows = before[name]["metrics"]
+        assert [r for r in rows if r["split"] == "train"] == [r for r in old_rows if r["split"] == "train"]
+        assert sorted((r["step"], r["split"]) for r in rows) == sorted((r["step"], r["split"]) for r in old_rows)
+        result = json.loads((folder / RESULT_FILE).read_text())
+        assert result["reevaluated_s"] > 0
+        assert result["wall_s"] == json.loads(before[name]["result"])["wall_s"]
+    for name, file in predictions.items():  # greedy: the 8-token completions extend the 3-token ones
+        new_sci, old = _predictions(cells / name / "predictions" / file), old_sci[name]
+        assert [r["id"] for r in new_sci] == [r["id"] for r in old]
+        assert all(a["completion"].startswith(b["completion"]) for a, b in zip(new_sci, old))
+        assert sum(len(r["completion"]) for r in new_sci) > sum(len(r["completion"]) for r in old)
+    assert "re-evaluated without training (eval settings changed): 3 cell(s)" in table.read_text()
+
+    # unchanged settings: nothing runs; a second re-evaluation keeps both earlier results
+    again = CountingTrain()
+    run_ablation(longer, results_dir=results, seeds=[0], train_fn=again, log=lambda _: None)
+    assert again.calls == []
+    run_ablation(_with_benchmark(spec, "sci", max_new_tokens=5), results_dir=results, seeds=[0], train_fn=again,
+                 log=lambda _: None)
+    assert again.calls == names
+    assert (cells / "sft_seed0" / "cell.previous.2.json").is_file()
+    assert "max_new_tokens: 8" in (cells / "sft_seed0" / "config.previous.2.yaml").read_text()
+    # a change of a training key is still refused, with or without eval changes beside it
+    changed = dataclasses.replace(longer, overrides=["optim.lr=0.5"])
+    with pytest.raises(ValueError, match=r"cell base: .* different config \(optim.lr: 0.001 -> 0.5\); only the "
+                                         r"eval.\* keys may change"):
+        run_ablation(changed, results_dir=results, seeds=[0], train_fn=again, log=lambda _: None)
+    # a finished cell without its checkpoints cannot be re-evaluated (it would train again)
+    shutil.rmtree(cells / "sft_seed0" / "checkpoints")
+    with pytest.raises(ValueError, match=r"cell sft_seed0: its eval settings changed \(eval.benchmarks\[sci\]."
+                                         r"max_new_tokens: 5 -> 4\) but .* holds no checkpoint"):
+        run_ablation(_with_benchmark(spec, "sci", max_new_tokens=4), results_dir=results, seeds=[0], train_fn=again,
+                     log=lambda _: None)
+
+
+def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, tiny_model_dir, monkeypatch):
     spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "continual"))
     train = CountingTrain()
     tables = run_continual(spec, results_dir=tmp_path / "results", train_fn=train, log=lambda _: None)
-    assert train.calls == ["base", "s1_sft_lr0.001_seed0", "s1_sdft_topk_lr0.001_seed0",
-                           "s2_sft_lr0.001_seed0", "s2_sdft_topk_lr0.001_seed0"]
+    names = ["base", "s1_sft_lr0.001_seed0", "s1_sdft_topk_lr0.001_seed0", "s2_sft_lr0.001_seed0",
+             "s2_sdft_topk_lr0.001_seed0"]
+    assert train.calls == names
     cells = tmp_path / "results" / "cl" / "cells"
     export = cells / "s1_sdft_topk_lr0.001_seed0" / "export"
     assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
@@ -129,6 +223,18 @@ def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, 
                    "| SFT | 0.001 | after stage 2 |"):
         assert needle in text, needle
     assert (tables.parent / "stages.png").stat().st_size > 0
+
+    # re-evaluation with longer science completions: every cell again, no step, the stage-1 export untouched
+    exported = _files(export)
+    _no_training_step(monkeypatch)
+
+    def no_export(run_dir, out_dir):
+        raise AssertionError(f"{run_dir}: exported again")
+    again = CountingTrain()
+    run_continual(_with_benchmark(spec, "sci", max_new_tokens=6), results_dir=tmp_path / "results", train_fn=again,
+                  export_fn=no_export, log=lambda _: None)
+    assert again.calls == names and _files(export) == exported
+    assert all((cells / name / "cell.previous.json").is_file() for name in names)
 
 
 def test_exported_lora_student_equals_the_trained_model(tmp_path, tiny_model_dir):

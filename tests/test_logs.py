@@ -48,6 +48,26 @@ def test_resume_drops_rows_after_the_checkpoint_and_tensorboard_has_no_duplicate
     assert scalars["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
 
 
+def test_resume_at_the_final_step_replaces_its_evaluation_rows_only(tmp_path):
+    """A finished run evaluated again: the last train row stays, the final evaluation is replaced."""
+    with MetricsLogger(tmp_path) as logger:
+        logger.log(0, "val", {"val/b/pass@1": 0.1})
+        for step in (1, 2):
+            logger.log(step, "train", {"loss": float(step)})
+        logger.log(2, "val", {"val/b/pass@1": 0.5})
+    with MetricsLogger(tmp_path, resume_step=2, keep_at_resume_step=("train",)) as logger:
+        assert [(r["step"], r["split"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+            (0, "val"), (1, "train"), (2, "train")]
+        logger.log(2, "val", {"val/b/pass@1": 0.75})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in rows] == [(0, "val"), (1, "train"), (2, "train"), (2, "val")]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(1, 1.0), (2, 2.0)]
+    assert scalars["val/b/pass@1"] == [(0, pytest.approx(0.1)), (2, 0.75)]
+    with pytest.raises(ValueError, match="keep_at_resume_step needs a resume_step"):
+        MetricsLogger(tmp_path, keep_at_resume_step=("train",))
+
+
 def test_a_fresh_logger_starts_a_new_file(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as logger:
         logger.log(1, "train", {"loss": 1.0})

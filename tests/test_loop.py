@@ -71,6 +71,28 @@ def test_sdft_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, overrid
     assert (run / "checkpoints").exists()
 
 
+def test_resuming_a_finished_run_only_evaluates_again(tmp_path, tiny_model_dir):
+    """resume=true on a finished run: no step, the final evaluation redone with the new eval settings."""
+    first = train_from_config(_config(tmp_path, tiny_model_dir, "resume=true", "checkpoint.every=1"))
+    run = first.run_dir
+    checkpoints = {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    rows = read_metrics(run / "metrics.jsonl")
+    old = [json.loads(line)["completion"] for line in (run / "predictions" / "bench.jsonl").open()]
+    bench = load_config(run / "config.yaml").eval.benchmarks[0].path
+    longer = f"eval.benchmarks=[{{name: bench, kind: tasks, path: {bench}, max_new_tokens: 9}}]"
+    again = train_from_config(load_config(run / "config.yaml", [longer]))
+    assert (first.start_step, again.start_step, again.steps) == (0, 2, 2)
+    assert {p.relative_to(run): p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    new_rows = read_metrics(run / "metrics.jsonl")
+    assert [r for r in new_rows if r["split"] == "train"] == [r for r in rows if r["split"] == "train"]
+    assert [(r["step"], r["split"]) for r in new_rows] == [(r["step"], r["split"]) for r in rows]
+    assert [r["step"] for r in new_rows if r["split"] == "val"] == [0, 2]
+    assert again.scores_before["bench"].per_item == first.scores_before["bench"].per_item
+    assert "max_new_tokens: 9" in (run / "summary.md").read_text()
+    new = [json.loads(line)["completion"] for line in (run / "predictions" / "bench.jsonl").open()]
+    assert all(a.startswith(b) for a, b in zip(new, old)) and len("".join(new)) > len("".join(old))
+
+
 def test_sft_run(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir, "algorithm=sft")
     result = train_from_config(config)

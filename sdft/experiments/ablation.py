@@ -118,8 +118,12 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
               "- items per task: " + ", ".join(f"{titles[t]} {n_items[t]}" for t in tasks)
               + f" (one item = {100 / min(n_items.values()):.1f} points on the smallest)",
               f"- base run config: {spec.config}; experiment spec: {spec.source}; cells: {root / 'cells'}",
-              "- training time per cell: " + ", ".join(
+              "- training time per cell (with its evaluation): " + ", ".join(
                   f"{label(m)} {sum(c.wall_s for c in cells) / len(cells) / 60:.1f} min" for m, cells in groups.items())]
+    reevaluated = [c for c in [base, *[c for cells in groups.values() for c in cells]] if c.reevaluated_s is not None]
+    if reevaluated:
+        lines.append(f"- re-evaluated without training (eval settings changed): {len(reevaluated)} cell(s), "
+                     f"{sum(c.reevaluated_s for c in reevaluated) / len(reevaluated) / 60:.1f} min per cell")
     if command:
         lines.append(f"- command: `{command}`")
     lines += ["", "![accuracy per method](bars.png)", ""]
