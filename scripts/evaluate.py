@@ -36,9 +36,10 @@ def main(argv=None) -> int:
         device = detect_distributed().device
         if args.run is not None:
             report = evaluate_model(None, run_dir=args.run, checkpoint=args.checkpoint, overrides=args.overrides,
-                                    out_dir=args.out, device=device)
+                                    out_dir=args.out, device=device, progress=True)
         else:
-            report = evaluate_model(load_config(args.config, args.overrides), out_dir=args.out, device=device)
+            report = evaluate_model(load_config(args.config, args.overrides), out_dir=args.out, device=device,
+                                    progress=True)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

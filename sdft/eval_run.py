@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sdft.config import Config, load_config
 from sdft.io import atomic_write_json, atomic_write_text
+from sdft.logs import ProgressBar
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -64,12 +65,13 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
     return RunStudent(backend=backend, tokenizer=tokenizer, config=config, checkpoint=path)
 
 
-def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
-                   checkpoint: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
-                   device=None) -> dict:
+def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None,
+                   run_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                   device=None, progress: bool = False) -> dict:
     """Evaluate config.model.name (run_dir None) or the student of the run in `run_dir` (its own config with
     `overrides`; `config` is then ignored) on the configured benchmarks; write the outputs to `out_dir`
-    (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>).
+    (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>);
+    `progress` draws a bar per benchmark (items done, time left).
 
     Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: {"split", "n",
     "correct", "pass_at_1", "ci_low", "ci_high", "max_new_tokens", "per_item"}}}.
@@ -108,8 +110,11 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     out_dir = Path(out_dir)
     report = {"model": config.model.name, **described, "out_dir": str(out_dir), "benchmarks": {}}
     for benchmark, max_items in build_benchmarks(config, data.heldout):
-        result = evaluate(benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
-                          max_items=max_items, predictions_path=out_dir / "predictions" / f"{benchmark.name}.jsonl")
+        n_items = len(benchmark.items[:max_items] if max_items else benchmark.items)
+        with ProgressBar(n_items, desc=f"eval {benchmark.name}", enabled=progress) as bar:
+            result = evaluate(benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+                              max_items=max_items, chunk_size=config.eval.batch_size, on_progress=bar.update,
+                              predictions_path=out_dir / "predictions" / f"{benchmark.name}.jsonl")
         report["benchmarks"][benchmark.name] = {
             "split": result.split, "n": result.n, "correct": result.correct, "pass_at_1": result.pass_at_1,
             "ci_low": result.ci_low, "ci_high": result.ci_high, "max_new_tokens": benchmark.max_new_tokens,

@@ -283,8 +283,12 @@ def _cut_at_stop(token_ids: list[int], stop_ids: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------- evaluation
 def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
              max_prompt_tokens: int | None = None, max_items: int | None = None,
-             predictions_path: str | os.PathLike | None = None) -> EvalResult:
+             predictions_path: str | os.PathLike | None = None, chunk_size: int | None = None,
+             on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Generate greedily for each item (the first `max_items`), decode without special tokens, score.
+
+    `generate` is called on `chunk_size` prompts at a time, in order (None: all at once), and
+    `on_progress(n)` after each call with the number of items it completed (a progress bar's update).
 
     Prompts are rendered by `sdft.prompts.render_prompt_ids` (chat template, generation prompt, left
     truncation to `max_prompt_tokens`). With `predictions_path`, writes one JSONL row per item
@@ -296,10 +300,18 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
         raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
     items = benchmark.items[:max_items] if max_items is not None else benchmark.items
     prompts = [render_prompt_ids(tokenizer, list(item.messages), max_prompt_tokens) for item in items]
-    completion_ids = generate(prompts, benchmark.max_new_tokens)
-    if len(completion_ids) != len(items):
-        raise ValueError(f"benchmark {benchmark.name!r}: generate returned {len(completion_ids)} completions "
-                         f"for {len(items)} prompts")
+    if chunk_size is not None and not _is_positive_int(chunk_size):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    step = chunk_size or max(1, len(prompts))
+    completion_ids = []
+    for start in range(0, len(prompts), step):
+        part = generate(prompts[start:start + step], benchmark.max_new_tokens)
+        if len(part) != len(prompts[start:start + step]):
+            raise ValueError(f"benchmark {benchmark.name!r}: generate returned {len(part)} completions "
+                             f"for {len(prompts[start:start + step])} prompts")
+        completion_ids.extend(part)
+        if on_progress is not None:
+            on_progress(len(part))
     texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in completion_ids]
     per_item = [bool(item.verifier(text)) for item, text in zip(items, texts)]
     correct = sum(per_item)

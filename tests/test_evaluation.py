@@ -189,6 +189,25 @@ def test_evaluate_max_items_and_prompt_truncation(tiny_tokenizer):
         evaluate(Benchmark("long", items), lambda prompts, n: [], tiny_tokenizer)
 
 
+def test_evaluate_in_chunks_reports_progress_and_keeps_the_order(tiny_model, tiny_tokenizer):
+    items = tuple(EvalItem(f"c{k}", _user(f"Question {k}: " + "word " * k), lambda text: True, None)
+                  for k in range(7))
+    generate = hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=1)
+    calls, done = [], []
+
+    def recording(prompts, n):
+        calls.append(len(prompts))
+        return generate(prompts, n)
+    whole = evaluate(Benchmark("c", items, max_new_tokens=5), generate, tiny_tokenizer)
+    chunked = evaluate(Benchmark("c", items, max_new_tokens=5), recording, tiny_tokenizer, chunk_size=3,
+                       on_progress=done.append)
+    assert calls == [3, 3, 1] and done == [3, 3, 1] and chunked == whole
+    with pytest.raises(ValueError, match="chunk_size"):
+        evaluate(Benchmark("c", items), generate, tiny_tokenizer, chunk_size=0)
+    with pytest.raises(ValueError, match="returned 0 completions for 3 prompts"):
+        evaluate(Benchmark("c", items), lambda prompts, n: [], tiny_tokenizer, chunk_size=3)
+
+
 def test_evaluate_on_tiny_model_with_known_verifiers(tmp_path, tiny_model, tiny_tokenizer):
     items = tuple(EvalItem(f"q{k}", _user(q), verifier, ref) for k, (q, verifier, ref) in enumerate([
         ("What is the capital of France?", lambda text: True, "always"),
