@@ -66,8 +66,8 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
 
 
 def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None,
-                   run_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
-                   device=None, progress: bool = False) -> dict:
+                   run_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), device=None, progress: bool = False) -> dict:
     """Evaluate config.model.name (run_dir None) or the student of the run in `run_dir` (its own config with
     `overrides`; `config` is then ignored) on the configured benchmarks; write the outputs to `out_dir`
     (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>);
