@@ -4,8 +4,6 @@
 Columns (each a worker subprocess holding its own copy of the model, so every peak-memory figure is its own):
   sdft     one step of `sdft.loop.sdft_step_fn` on the local backend: sample one completion per prompt,
            teacher forward on prompt + demonstration + completion, student forward+backward, optimizer
-           (decoding with the LoRA adapter merged into a copy of the fp32 weights: generation.merge_lora=auto)
-  sdft_unmerged  the same SDFT step decoding through peft's adapter layers (generation.merge_lora=never)
   sft      one step of `sdft.sft.sft_step_fn` on the same prompts, target = the demonstration + EOS
   sft_len  the same SFT step with target i cut or cycled to the length of completion i of the SDFT step of
            the same round (SFT on exactly the token counts, and so the padding, that SDFT trains on)
@@ -47,9 +45,8 @@ import threading
 import time
 from pathlib import Path
 
-COLUMNS = ("sdft", "sdft_unmerged", "sft", "sft_len", "trl")
-COLUMN_TITLES = {"sdft": "SDFT (sdft)", "sdft_unmerged": "SDFT, adapter unmerged", "sft": "SFT (demonstration)",
-                 "sft_len": "SFT (same length)",
+COLUMNS = ("sdft", "sft", "sft_len", "trl")
+COLUMN_TITLES = {"sdft": "SDFT (sdft)", "sft": "SFT (demonstration)", "sft_len": "SFT (same length)",
                  "trl": "TRL SDFTTrainer"}
 ROWS = (  # (key, title, format)
     ("sample_s", "sampling (s)", "{:.2f}"),
@@ -259,15 +256,11 @@ class RecordingBackend:
 
 
 class SdftColumn(Column):
-    merge_lora = "auto"
-
     def __init__(self, args):
         super().__init__(args)
         from sdft.build import build_local_backend
         from sdft.loop import sdft_step_fn
 
-        self.config = dataclasses.replace(
-            self.config, generation=dataclasses.replace(self.config.generation, merge_lora=self.merge_lora))
         self.backend = RecordingBackend(build_local_backend(self.config, self.model, self.tokenizer,
                                                            steps=args.warmup + args.repeats))
         self.step_fn = sdft_step_fn(self.config)
@@ -284,10 +277,6 @@ class SdftColumn(Column):
                 "optimizer_s": m["optimizer_time_s"] + (m["step_time_s"] - accounted),  # + the teacher update
                 "total_s": m["step_time_s"], "completion_tokens": completion,
                 "processed_tokens": prompts + 2 * completion, "completion_lengths": lengths}
-
-
-class SdftUnmergedColumn(SdftColumn):
-    merge_lora = "never"
 
 
 class SftColumn(Column):
@@ -427,8 +416,7 @@ class TrlColumn(Column):
         return super().finish()
 
 
-COLUMN_CLASSES = {"sdft": SdftColumn, "sdft_unmerged": SdftUnmergedColumn, "sft": SftColumn, "sft_len": SftColumn,
-                  "trl": TrlColumn}
+COLUMN_CLASSES = {"sdft": SdftColumn, "sft": SftColumn, "sft_len": SftColumn, "trl": TrlColumn}
 
 
 def trl_unavailable_reason() -> str | None:
@@ -565,9 +553,6 @@ def ratios(summaries: dict[str, dict]) -> dict[str, float]:
     for column in ("sft", "sft_len"):
         if column in summaries:
             out[f"sdft/{column}"] = sdft["total_s"] / summaries[column]["total_s"]
-    if "sdft_unmerged" in summaries:
-        out["sdft_unmerged/sdft"] = summaries["sdft_unmerged"]["total_s"] / sdft["total_s"]
-        out["sdft_unmerged/sdft sampling"] = summaries["sdft_unmerged"]["sample_s"] / sdft["sample_s"]
     if "trl" in summaries:
         out["trl/sdft"] = summaries["trl"]["total_s"] / sdft["total_s"]
         out["trl/sdft per completion token"] = sdft["completion_tok_s"] / summaries["trl"]["completion_tok_s"]
@@ -682,14 +667,11 @@ def run_benchmark(args) -> dict:
         print(f"SDFT / SFT step time: {rows.get('sdft/sft', float('nan')):.2f}x (demonstration targets), "
               f"{rows.get('sdft/sft_len', float('nan')):.2f}x (targets as long as the completions); "
               "goal <= 2.5x, the paper reports about 4x")
-    if "sdft_unmerged/sdft" in rows:
-        print(f"SDFT with the adapter unmerged / merged: step time {rows['sdft_unmerged/sdft']:.2f}x, sampling "
-              f"{rows['sdft_unmerged/sdft sampling']:.2f}x")
     if "trl/sdft" in rows:
         print(f"TRL SDFTTrainer / SDFT step time: {rows['trl/sdft']:.2f}x "
               f"({rows['trl/sdft per completion token']:.2f}x per completion token)")
     per_round = {}
-    for numerator, denominator in (("sdft", "sft"), ("sdft", "sft_len"), ("sdft_unmerged", "sdft"), ("trl", "sdft")):
+    for numerator, denominator in (("sdft", "sft"), ("sdft", "sft_len"), ("trl", "sdft")):
         if numerator in summaries and denominator in summaries:
             per_round[f"{numerator}/{denominator}"] = values = round_ratios(steps, numerator, denominator)
             print(f"{numerator}/{denominator} round by round: " + ", ".join(f"{r:.2f}x" for r in values))
