@@ -146,8 +146,6 @@ class GenerationConfig(_Section):
     temperature: float = _field(1.0, gt=0)
     top_p: float = _field(1.0, gt=0, le=1)
     batch_size: int = _field(8, ge=1)  # prompts per sampling call
-    # local LoRA students: decode with the adapter merged into a copy of the weights (auto: fp32/fp64 only)
-    merge_lora: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -22,7 +21,6 @@ from torch import nn
 from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
                                 Targets, TopKTargets, check_positive_int, check_rollouts, check_sft_batch,
                                 check_token_lists, check_train_step, sequence_weights, topk_loss_from_logprobs)
-from sdft.backends.merged_lora import merged_lora, should_merge
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
 from sdft.optim import build_optimizer, build_schedule
@@ -41,9 +39,6 @@ class LocalBackend:
     `forward_batch_size` bounds the sequences per teacher forward; `generation_batch_size` bounds the
     prompts per decoding batch (None: all at once). `grad_sync`, when given, is called with the trainable
     parameters after the last backward of a step and before clipping (a data-parallel gradient average).
-    `merge_lora` ("auto", "always", "never"): decode with the LoRA adapter merged into copies of the base
-    weights (`sdft.backends.merged_lora`; "auto": only for fp32/fp64 weights, where the merge is exact to
-    rounding); training, teacher scoring and the weights themselves are unaffected.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student_mode: str = "lora", lora_rank: int = 16,
@@ -57,7 +52,7 @@ class LocalBackend:
                  device: str | torch.device | None = None, seed: int = 0,
                  forward_batch_size: int = 8, generation_batch_size: int | None = None,
                  eos_token_ids: Sequence[int] | None = None,
-                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None, merge_lora: str = "auto"):
+                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None):
         if student_mode not in STUDENT_MODES:
             raise ValueError(f"student_mode must be one of {', '.join(STUDENT_MODES)}; got {student_mode!r}")
         if teacher_mode not in TEACHER_MODES:
@@ -91,7 +86,6 @@ class LocalBackend:
             model.to(device)
         self.device = next(model.parameters()).device
 
-        self.merge_lora = student_mode == "lora" and should_merge(model, merge_lora)
         if student_mode == "lora":
             model = _wrap_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                target_modules=lora_target_modules, seed=seed)
@@ -160,9 +154,8 @@ class LocalBackend:
         model = self.model
         was_training = model.training
         model.eval()
-        merged = merged_lora(model) if self.merge_lora else nullcontext()
         try:
-            with torch.no_grad(), merged:
+            with torch.no_grad():
                 for start in range(0, len(prompts), step):
                     results.extend(self._decode_batch(
                         prompts[start:start + step], max_new_tokens, temperature, top_p, greedy,
