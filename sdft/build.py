@@ -114,6 +114,7 @@ def build_local_backend(config: Config, model, tokenizer, *, steps: int, device=
         max_grad_norm=optim.max_grad_norm, gradient_checkpointing=config.model.gradient_checkpointing,
         dtype=config.model.dtype, device=device, seed=config.seed + 1000003 * rank,
         generation_batch_size=config.generation.batch_size, grad_sync=grad_sync,
+        master_weights=config.optim.master_weights,
     )
 
 

@@ -138,6 +138,8 @@ class OptimConfig(_Section):
     micro_batch_size: int = _field(1, ge=1)             # prompts per forward/backward
     epochs: float = _field(1.0, gt=0)
     max_steps: Optional[int] = _field(None, ge=1)       # caps the optimizer steps
+    # full fine-tuning of bf16/fp16 weights: AdamW updates fp32 master copies (false: the weights in place)
+    master_weights: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule (linear warm-up, then constant or cosine to zero)."""
+"""AdamW, fp32 master weights for low-precision parameters, and the learning-rate schedule (linear
+warm-up, then constant or cosine to zero)."""
 from __future__ import annotations
 
 import math
@@ -31,6 +32,55 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, weight_d
     fused = all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
                              fused=True if fused else None)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """fp32 master copies of bf16/fp16 trainable parameters, the tensors the optimizer updates.
+
+    An AdamW step of size lr * m / (sqrt(v) + eps) on a bf16 weight w is rounded to w's 8-bit mantissa:
+    with lr = 2e-5 and |w| > ~0.005 most updates round away to nothing, and the model does not train.
+    Here the optimizer steps the fp32 masters instead: `grads_to_masters()` moves each parameter's
+    gradient onto its master (upcast, the parameter's .grad released) and `masters_to_model()` writes the
+    rounded masters back. fp32/fp64 parameters are their own masters (no copy). Memory: 4 bytes per
+    low-precision parameter, and the optimizer's states are then fp32 too.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.pairs: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        for name, p in params.items():
+            master = p.detach().float().clone().requires_grad_(True) if p.dtype in LOW_PRECISION else p
+            self.pairs[name] = (p, master)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The tensors to give the optimizer (and to clip)."""
+        return [master for _, master in self.pairs.values()]
+
+    def grads_to_masters(self) -> None:
+        for p, master in self.pairs.values():
+            if master is not p:
+                master.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def masters_to_model(self) -> None:
+        for p, master in self.pairs.values():
+            if master is not p:
+                p.copy_(master)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The master values by parameter name (live tensors, detached)."""
+        return {name: master.detach() for name, (_, master) in self.pairs.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, values: dict[str, torch.Tensor]) -> None:
+        """Set masters and parameters from `values` (names and shapes checked by the caller)."""
+        for name, (p, master) in self.pairs.items():
+            master.copy_(values[name])
+            if master is not p:
+                p.copy_(master)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

@@ -430,6 +430,38 @@ def test_bfloat16_training_runs(tiny_tokenizer, student_mode, teacher_mode):
     assert any(not torch.equal(p, before[n]) for n, p in backend.model.named_parameters() if n in before)
 
 
+def test_full_bf16_training_steps_fp32_masters(tiny_tokenizer):
+    """Full fine-tuning in bf16: the optimizer holds fp32 masters, the model their rounded values, the
+    checkpoint the masters; with master_weights=False, steps smaller than half a bf16 rounding step are lost
+    and far fewer weights move."""
+    spec = LossSpec(targets="full")
+    moved = {}
+    for masters in (True, False):
+        backend = make_backend(tiny_tokenizer, dtype="bfloat16", student_mode="full", lr=1e-5, seed=2,
+                               master_weights=masters)
+        assert (backend.masters is not None) == masters
+        rollouts = backend.sample(prompts(tiny_tokenizer), SamplingParams(6))
+        target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
+        before = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
+        for _ in range(4):  # one step rounds alike either way; the masters keep what later steps add
+            backend.train_step(rollouts, target, spec, micro_batch_size=4)
+        state = backend.state_tensors()["student"]
+        changed = [float((p.detach() != before[n]).float().mean()) for n, p in backend.model.named_parameters()
+                   if p.dim() == 2]
+        moved[masters] = sum(changed) / len(changed)
+        for name, p in backend.model.named_parameters():
+            assert p.dtype == torch.bfloat16 and p.grad is None
+            if masters:
+                assert state[name].dtype == torch.float32
+                assert torch.equal(p.detach(), state[name].to(torch.bfloat16)), name
+                assert not torch.equal(state[name], before[name].float()), name
+            else:
+                assert state[name].dtype == torch.bfloat16
+    assert moved[False] < 0.5 * moved[True]
+    lora = make_backend(tiny_tokenizer, dtype="bfloat16")
+    assert lora.masters is None  # peft keeps LoRA adapters in fp32 already
+
+
 def test_checkpoint_state_round_trip_resumes_exactly(tiny_tokenizer):
     spec = LossSpec(targets="topk", topk=4)
     first = make_backend(tiny_tokenizer, teacher_mode="ema", seed=5)

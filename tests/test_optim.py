@@ -92,3 +92,37 @@ def test_build_schedule_rejects_bad_values(kwargs, word):
     opt = build_optimizer(_params((1,)), lr=1e-3)
     with pytest.raises(ValueError, match=word):
         build_schedule(opt, **kwargs)
+
+
+def test_master_weights_keep_updates_that_bf16_rounds_away():
+    """A constant gradient and lr 1e-5 for 5 steps: in bf16 in place nothing moves; with fp32 masters the
+    masters follow fp32 AdamW exactly and the model holds their rounded values."""
+    from sdft.optim import MasterWeights
+
+    torch.manual_seed(0)
+    init = (torch.rand(64, 64) * 0.1 + 0.02).to(torch.bfloat16)  # |w| in [0.02, 0.12]
+    grad = torch.randn(64, 64).to(torch.bfloat16)
+    plain = init.clone().requires_grad_()
+    opt = build_optimizer([plain], lr=1e-5)
+    model_w = torch.nn.Parameter(init.clone())
+    masters = MasterWeights({"w": model_w, "b": torch.nn.Parameter(torch.zeros(3))})
+    assert masters.parameters()[1] is masters.pairs["b"][0]  # fp32 parameters are their own masters
+    mopt = build_optimizer(masters.parameters(), lr=1e-5)
+    ref = init.float().clone().requires_grad_()
+    ropt = build_optimizer([ref], lr=1e-5)
+    for _ in range(5):
+        plain.grad = grad.clone()
+        opt.step()
+        model_w.grad = grad.clone()
+        masters.grads_to_masters()
+        assert model_w.grad is None and masters.parameters()[0].grad.dtype == torch.float32
+        mopt.step()
+        masters.masters_to_model()
+        ref.grad = grad.float()
+        ropt.step()
+    assert torch.equal(plain.detach(), init)
+    master = masters.state_tensors()["w"]
+    assert torch.equal(master, ref.detach()) and not torch.equal(master, init.float())
+    assert torch.equal(model_w.detach(), master.to(torch.bfloat16))
+    masters.load_state_tensors({"w": init.float(), "b": torch.ones(3)})
+    assert torch.equal(model_w.detach(), init) and torch.equal(masters.pairs["b"][0].detach(), torch.ones(3))

@@ -23,7 +23,7 @@ from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTarg
                                 check_token_lists, check_train_step, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
-from sdft.optim import build_optimizer, build_schedule
+from sdft.optim import LOW_PRECISION, MasterWeights, build_optimizer, build_schedule
 from sdft.teacher import TEACHER_MODES, build_teacher
 
 STUDENT_MODES = ("lora", "full")
@@ -39,6 +39,9 @@ class LocalBackend:
     `forward_batch_size` bounds the sequences per teacher forward; `generation_batch_size` bounds the
     prompts per decoding batch (None: all at once). `grad_sync`, when given, is called with the trainable
     parameters after the last backward of a step and before clipping (a data-parallel gradient average).
+    `master_weights`: under full fine-tuning of bf16/fp16 weights, the optimizer updates fp32 master copies
+    (`sdft.optim.MasterWeights`) and the model gets their rounded values; False updates the low-precision
+    weights in place (less memory, but updates smaller than half their rounding step are lost).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student_mode: str = "lora", lora_rank: int = 16,
@@ -52,7 +55,7 @@ class LocalBackend:
                  device: str | torch.device | None = None, seed: int = 0,
                  forward_batch_size: int = 8, generation_batch_size: int | None = None,
                  eos_token_ids: Sequence[int] | None = None,
-                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None):
+                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None, master_weights: bool = True):
         if student_mode not in STUDENT_MODES:
             raise ValueError(f"student_mode must be one of {', '.join(STUDENT_MODES)}; got {student_mode!r}")
         if teacher_mode not in TEACHER_MODES:
@@ -97,8 +100,11 @@ class LocalBackend:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.teacher = build_teacher(model, mode=teacher_mode, ema_alpha=ema_alpha, sync_every=sync_every,
                                      ema_fp32=ema_fp32)
-        self.optimizer = build_optimizer(self._trainable().values(), lr=lr, weight_decay=weight_decay, beta1=beta1,
-                                         beta2=beta2, eps=eps)
+        trainable = self._trainable()
+        low = student_mode == "full" and any(p.dtype in LOW_PRECISION for p in trainable.values())
+        self.masters = MasterWeights(trainable) if master_weights and low else None
+        self.optimizer = build_optimizer(self.masters.parameters() if self.masters else trainable.values(), lr=lr,
+                                         weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps)
         self.scheduler = build_schedule(self.optimizer, schedule=schedule, total_steps=total_steps,
                                         warmup_ratio=warmup_ratio)
         self.generator = torch.Generator(device=self.device)
@@ -397,21 +403,28 @@ class LocalBackend:
         params = list(self._trainable().values())
         if self.grad_sync is not None:
             self.grad_sync(params)
+        if self.masters is not None:
+            self.masters.grads_to_masters()
+            params = self.masters.parameters()
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
+        if self.masters is not None:
+            self.masters.masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"student": trainable parameters by name, "teacher": EMA/sync teacher weights (empty when
-        static), "rng": {"sampler": the sampling generator state}}. Student and teacher entries are the
-        live tensors, detached; copy them before training on if they must not change."""
+        """{"student": trainable parameters by name (their fp32 masters when kept), "teacher": EMA/sync
+        teacher weights (empty when static), "rng": {"sampler": the sampling generator state}}. Student and
+        teacher entries are the live tensors, detached; copy them before training on if they must not change."""
+        student = (self.masters.state_tensors() if self.masters is not None
+                   else {name: p.detach() for name, p in self._trainable().items()})
         return {
-            "student": {name: p.detach() for name, p in self._trainable().items()},
+            "student": student,
             "teacher": self.teacher.state_tensors(),
             "rng": {"sampler": self.generator.get_state()},
         }
@@ -431,7 +444,11 @@ class LocalBackend:
                 if tuple(student[name].shape) != tuple(p.shape):
                     raise ValueError(f"state['student'][{name!r}] has shape {tuple(student[name].shape)}, "
                                      f"expected {tuple(p.shape)}")
-                p.copy_(student[name])
+            if self.masters is not None:
+                self.masters.load_state_tensors(student)
+            else:
+                for name, p in params.items():
+                    p.copy_(student[name])
         self.teacher.load_state_tensors(state["teacher"])
         self.generator.set_state(state["rng"]["sampler"].cpu())
 
