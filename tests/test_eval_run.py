@@ -54,6 +54,17 @@ def test_checkpoint_choice_overrides_and_errors(tmp_path, tiny_model_dir):
         load_run_student(run, checkpoint="step_00000009")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_student(tmp_path)
+    from sdft.config import dump_config
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    dump_config(config, bare / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_run_student(bare)
+    dump_config(dataclasses.replace(config, backend=dataclasses.replace(
+        config.backend, kind="tinker", tinker_base_model="Qwen/Qwen3-8B"),
+                                    loss=dataclasses.replace(config.loss, targets="topk")), bare / "config.yaml")
+    with pytest.raises(ValueError, match="only local runs"):
+        load_run_student(bare)
     with pytest.raises(ValueError, match="eval.benchmarks is empty"):
         evaluate_model(dataclasses.replace(config, eval=dataclasses.replace(config.eval, benchmarks=[])),
                        out_dir=tmp_path / "x")
