@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sdft.config import dump_config
 from sdft.eval_run import evaluate_model, load_run_student
 from sdft.runner import train_from_config
 from tests.test_loop import _config
@@ -54,15 +55,14 @@ def test_checkpoint_choice_overrides_and_errors(tmp_path, tiny_model_dir):
         load_run_student(run, checkpoint="step_00000009")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_student(tmp_path)
-    from sdft.config import dump_config
     bare = tmp_path / "bare"
     bare.mkdir()
     dump_config(config, bare / "config.yaml")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_run_student(bare)
-    dump_config(dataclasses.replace(config, backend=dataclasses.replace(
-        config.backend, kind="tinker", tinker_base_model="Qwen/Qwen3-8B"),
-                                    loss=dataclasses.replace(config.loss, targets="topk")), bare / "config.yaml")
+    tinker = dataclasses.replace(config.backend, kind="tinker", tinker_base_model="Qwen/Qwen3-8B")
+    topk = dataclasses.replace(config.loss, targets="topk")
+    dump_config(dataclasses.replace(config, backend=tinker, loss=topk), bare / "config.yaml")
     with pytest.raises(ValueError, match="only local runs"):
         load_run_student(bare)
     with pytest.raises(ValueError, match="eval.benchmarks is empty"):
