@@ -103,7 +103,7 @@ class StudentConfig(_Section):
 class TeacherConfig(_Section):
     mode: Literal["static", "ema", "sync"] = "ema"
     ema_alpha: float = _field(0.01, gt=0, le=1)  # phi <- (1 - a) phi + a theta after every optimizer step
-    ema_fp32: bool = False                      # keep the EMA copy in float32
+    ema_fp32: bool = True  # bf16/fp16 full fine-tuning: keep the EMA average in fp32 (a=0.01 steps round away)
     sync_every: int = _field(0, ge=0)          # mode=sync: copy the student every N optimizer steps
     template: str = _field("official", check=_check_template)  # a TEACHER_TEMPLATES name or a text
 
@@ -138,7 +138,8 @@ class OptimConfig(_Section):
     micro_batch_size: int = _field(1, ge=1)             # prompts per forward/backward
     epochs: float = _field(1.0, gt=0)
     max_steps: Optional[int] = _field(None, ge=1)       # caps the optimizer steps
-    # full fine-tuning of bf16/fp16 weights: AdamW updates fp32 master copies (false: the weights in place)
+    # full fine-tuning of bf16/fp16 weights: AdamW updates fp32 master copies (false: the weights in place,
+    # as the official code does; updates below half a bf16 rounding step are then lost)
     master_weights: bool = True
 
 
