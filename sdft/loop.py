@@ -88,7 +88,9 @@ class RunResult:
 
 
 def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
-                  only=None) -> dict[str, EvalResult]:
+                  only=None, progress: bool = False) -> dict[str, EvalResult]:
+    """Evaluate each benchmark (those `only` accepts), eval.batch_size prompts per generate call, with a
+    progress bar per benchmark when `progress`."""
     def generate(prompts, max_new_tokens):
         return backend.generate_greedy(prompts, max_new_tokens, batch_size=config.eval.batch_size)
 
@@ -96,10 +98,13 @@ def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Pa
     for benchmark, max_items in benchmarks:
         if only is not None and not only(benchmark):
             continue
-        results[benchmark.name] = evaluate(
-            benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
-            max_items=max_items, predictions_path=run_dir / "predictions" / f"{benchmark.name}{tag}.jsonl",
-        )
+        n_items = len(benchmark.items[:max_items] if max_items else benchmark.items)
+        with ProgressBar(n_items, desc=f"eval {benchmark.name}{tag}", enabled=progress) as bar:
+            results[benchmark.name] = evaluate(
+                benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+                max_items=max_items, predictions_path=run_dir / "predictions" / f"{benchmark.name}{tag}.jsonl",
+                chunk_size=config.eval.batch_size, on_progress=bar.update,
+            )
     return results
 
 
@@ -135,6 +140,7 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     time-boxed jobs; `is_main_process` = False writes nothing (other ranks of a distributed run).
     """
     run_dir = Path(run_dir)
+    show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
     checkpoint_path = latest_checkpoint(run_dir) if config.resume else None
     if checkpoint_path is not None:
@@ -158,7 +164,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
             logger.log(step, split, metrics)
 
     if start_step == 0 and config.eval.before_training and benchmarks:
-        scores_before = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag=".before")
+        scores_before = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag=".before",
+                                      progress=show_progress)
         for split in sorted({r.split for r in scores_before.values()}):
             log(0, split, _eval_metrics({k: v for k, v in scores_before.items() if v.split == split}))
 
@@ -170,8 +177,7 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
                         state={"step": step, "scores_before": _result_to_state(scores_before)},
                         keep_last=config.checkpoint.keep_last, rng=capture_rng_state())
 
-    with ProgressBar(steps, initial=start_step, desc=config.run_name,
-                     enabled=config.logging.progress and is_main_process) as bar:
+    with ProgressBar(steps, initial=start_step, desc=config.run_name, enabled=show_progress) as bar:
         for step in range(start_step + 1, last + 1):
             batch = [train[i] for i in batch_indices(step, n_examples=len(train), batch_size=config.optim.batch_size,
                                                      seed=config.seed)]
@@ -181,7 +187,7 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
             if due:
                 names = {b.name for b in due}
                 results = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir,
-                                        tag=f".step{step}", only=lambda b: b.name in names)
+                                        tag=f".step{step}", only=lambda b: b.name in names, progress=show_progress)
                 for split in sorted({r.split for r in results.values()}):
                     log(step, split, _eval_metrics({k: v for k, v in results.items() if v.split == split}))
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step != steps:
@@ -192,7 +198,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
             logger.close()
         return RunResult(run_dir=run_dir, steps=last, scores_before=scores_before, start_step=start_step)
 
-    scores_after = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag="")
+    scores_after = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag="",
+                                 progress=show_progress)
     for split in sorted({r.split for r in scores_after.values()}):
         log(steps, split, _eval_metrics({k: v for k, v in scores_after.items() if v.split == split}))
     if not reevaluate:  # a re-evaluation keeps the final checkpoint it loaded

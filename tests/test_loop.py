@@ -93,11 +93,14 @@ def test_resuming_a_finished_run_only_evaluates_again(tmp_path, tiny_model_dir):
     assert all(a.startswith(b) for a, b in zip(new, old)) and len("".join(new)) > len("".join(old))
 
 
-def test_sft_run(tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir, "algorithm=sft")
+def test_sft_run_with_progress_bars(tmp_path, tiny_model_dir, capsys):
+    config = _config(tmp_path, tiny_model_dir, "algorithm=sft", "logging.progress=true")
     result = train_from_config(config)
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["split"] == "train"]
     assert len(rows) == 2 and rows[0]["metrics"]["train/loss"] > 0
+    shown = capsys.readouterr().err
+    for bar in ("eval bench.before", "test: 100%", "eval bench: 100%"):  # evaluation before, steps, after
+        assert bar in shown, shown[-2000:]
 
 
 def test_train_script_validate_and_errors(tmp_path, tiny_model_dir):
