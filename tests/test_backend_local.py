@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
@@ -460,6 +462,28 @@ def test_full_bf16_training_steps_fp32_masters(tiny_tokenizer):
     assert moved[False] < 0.5 * moved[True]
     lora = make_backend(tiny_tokenizer, dtype="bfloat16")
     assert lora.masters is None  # peft keeps LoRA adapters in fp32 already
+
+
+def test_full_bf16_with_masters_resumes_exactly(tiny_tokenizer):
+    spec = LossSpec(targets="full")
+    kwargs = dict(dtype="bfloat16", student_mode="full", teacher_mode="ema", lr=1e-4)
+    first = make_backend(tiny_tokenizer, seed=5, **kwargs)
+    rollouts = first.sample(prompts(tiny_tokenizer), SamplingParams(6))
+    first.train_step(rollouts, first.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec,
+                     micro_batch_size=4)
+    first.update_teacher(1)
+    state = {g: {k: v.clone() for k, v in d.items()} for g, d in first.state_tensors().items()}
+    opt_state = copy.deepcopy(first.optimizer_state())
+    second = make_backend(tiny_tokenizer, seed=99, **kwargs)
+    second.load_state_tensors(state)
+    second.load_optimizer_state(opt_state)
+    for backend in (first, second):
+        r = backend.sample(prompts(tiny_tokenizer), SamplingParams(6))
+        backend.train_step(r, backend.teacher_targets(teacher_prompts(tiny_tokenizer), r, spec), spec,
+                           micro_batch_size=4)
+    a, b = first.state_tensors()["student"], second.state_tensors()["student"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), second.model.parameters()))
 
 
 def test_checkpoint_state_round_trip_resumes_exactly(tiny_tokenizer):
