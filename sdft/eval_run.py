@@ -10,12 +10,11 @@ Wilson 95% interval per benchmark).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdft.config import Config, load_config
 from sdft.io import atomic_write_json, atomic_write_text
-from sdft.logs import ProgressBar
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -73,12 +72,13 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>);
     `progress` draws a bar per benchmark (items done, time left).
 
-    Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: {"split", "n",
-    "correct", "pass_at_1", "ci_low", "ci_high", "max_new_tokens", "per_item"}}}.
+    Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: the
+    `EvalResult` fields ("name", "split", "n", "correct", "pass_at_1", "ci_low", "ci_high", "per_item" as 0/1)
+    and "max_new_tokens"}}.
     """
     from sdft.backends.local import DTYPES, greedy_generate_fn
     from sdft.build import build_benchmarks, load_run_data
-    from sdft.evaluation import evaluate
+    from sdft.evaluation import evaluate_benchmarks
     from sdft.models import load_model_and_tokenizer
 
     if run_dir is not None:
@@ -109,16 +109,14 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
                    else Path(config.output_dir) / "eval" / Path(config.model.name.rstrip("/")).name)
     out_dir = Path(out_dir)
     report = {"model": config.model.name, **described, "out_dir": str(out_dir), "benchmarks": {}}
-    for benchmark, max_items in build_benchmarks(config, data.heldout):
-        n_items = len(benchmark.items[:max_items] if max_items else benchmark.items)
-        with ProgressBar(n_items, desc=f"eval {benchmark.name}", enabled=progress) as bar:
-            result = evaluate(benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
-                              max_items=max_items, chunk_size=config.eval.batch_size, on_progress=bar.update,
-                              predictions_path=out_dir / "predictions" / f"{benchmark.name}.jsonl")
-        report["benchmarks"][benchmark.name] = {
-            "split": result.split, "n": result.n, "correct": result.correct, "pass_at_1": result.pass_at_1,
-            "ci_low": result.ci_low, "ci_high": result.ci_high, "max_new_tokens": benchmark.max_new_tokens,
-            "per_item": [int(x) for x in result.per_item]}
+    benchmarks = build_benchmarks(config, data.heldout)
+    results = evaluate_benchmarks(benchmarks, generate, tokenizer, predictions_dir=out_dir / "predictions",
+                                  max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
+                                  progress=progress)
+    for benchmark, _ in benchmarks:
+        row = asdict(results[benchmark.name])
+        row["per_item"] = [int(x) for x in row["per_item"]]
+        report["benchmarks"][benchmark.name] = {**row, "max_new_tokens": benchmark.max_new_tokens}
     atomic_write_json(out_dir / RESULTS_JSON, report)
     atomic_write_text(out_dir / RESULTS_MD, results_markdown(report))
     return report

@@ -325,6 +325,24 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
                       pass_at_1=correct / len(items), ci_low=low, ci_high=high, per_item=per_item)
 
 
+def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark, int | None]], generate: GenerateFn, tokenizer: Any, *,
+                        predictions_dir: str | os.PathLike, tag: str = "", max_prompt_tokens: int | None = None,
+                        chunk_size: int | None = None, progress: bool = False) -> dict[str, EvalResult]:
+    """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl; with
+    `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call)."""
+    from sdft.logs import ProgressBar
+
+    results = {}
+    for benchmark, max_items in benchmarks:
+        n_items = min(len(benchmark.items), max_items or len(benchmark.items))
+        with ProgressBar(n_items, desc=f"eval {benchmark.name}{tag}", enabled=progress) as bar:
+            results[benchmark.name] = evaluate(
+                benchmark, generate, tokenizer, max_prompt_tokens=max_prompt_tokens, max_items=max_items,
+                predictions_path=Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl", chunk_size=chunk_size,
+                on_progress=bar.update)
+    return results
+
+
 def _last_user_message(messages: Sequence[dict]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":

@@ -22,7 +22,7 @@ from sdft.batches import EncodedExample, batch_indices
 from sdft.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                              save_checkpoint)
 from sdft.config import Config, config_to_dict, dump_config
-from sdft.evaluation import Benchmark, EvalResult, evaluate
+from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
 from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
 
 StepFn = Callable[[Any, Sequence[EncodedExample], int], dict]
@@ -89,23 +89,14 @@ class RunResult:
 
 def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
                   only=None, progress: bool = False) -> dict[str, EvalResult]:
-    """Evaluate each benchmark (those `only` accepts), eval.batch_size prompts per generate call, with a
-    progress bar per benchmark when `progress`."""
+    """Evaluate each benchmark (those `only` accepts) with the backend's greedy decoding."""
     def generate(prompts, max_new_tokens):
         return backend.generate_greedy(prompts, max_new_tokens, batch_size=config.eval.batch_size)
 
-    results = {}
-    for benchmark, max_items in benchmarks:
-        if only is not None and not only(benchmark):
-            continue
-        n_items = len(benchmark.items[:max_items] if max_items else benchmark.items)
-        with ProgressBar(n_items, desc=f"eval {benchmark.name}{tag}", enabled=progress) as bar:
-            results[benchmark.name] = evaluate(
-                benchmark, generate, tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
-                max_items=max_items, predictions_path=run_dir / "predictions" / f"{benchmark.name}{tag}.jsonl",
-                chunk_size=config.eval.batch_size, on_progress=bar.update,
-            )
-    return results
+    chosen = [(b, m) for b, m in benchmarks if only is None or only(b)]
+    return evaluate_benchmarks(chosen, generate, tokenizer, predictions_dir=run_dir / "predictions", tag=tag,
+                               max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
+                               progress=progress)
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict:

@@ -155,27 +155,13 @@ class LocalBackend:
                                                   batch_size=batch_size)]
 
     def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None, batch_size=None):
-        step = batch_size or self.generation_batch_size or max(1, len(prompts))
-        results = []
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(prompts), step):
-                    results.extend(self._decode_batch(
-                        prompts[start:start + step], max_new_tokens, temperature, top_p, greedy,
-                        None if generators is None else generators[start:start + step]))
-        finally:
-            model.train(was_training)
-        return results
-
-    def _decode_batch(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None):
-        """Left-padded KV-cache decoding of one batch; returns (ids, logprobs, finished) per prompt.
-        `generators`: one per prompt (per-prompt random streams), else the backend's shared generator."""
-        return decode_batch(self._causal_lm(), prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, greedy=greedy, pad_token_id=self.pad_token_id,
-                            eos_token_ids=self.eos_token_ids, generator=self.generator, generators=generators)
+        """(ids, logprobs, finished) per prompt from the student; `generators`: one per prompt (per-prompt
+        random streams), else the backend's shared generator."""
+        return decode_in_batches(
+            self._causal_lm(), prompts, batch_size=batch_size or self.generation_batch_size or max(1, len(prompts)),
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+            pad_token_id=self.pad_token_id, eos_token_ids=self.eos_token_ids, generator=self.generator,
+            generators=generators)
 
     # ------------------------------------------------------------------------------- hidden states
     def _completion_hidden(self, causal_lm, prompts, completions) -> torch.Tensor:
@@ -468,9 +454,8 @@ class LocalBackend:
 # ------------------------------------------------------------------------------------------- helpers
 def greedy_generate_fn(causal_lm: nn.Module, tokenizer, *, batch_size: int = 8,
                        eos_token_ids: Sequence[int] | None = None):
-    """A `sdft.evaluation.GenerateFn` for a plain causal LM: greedy `decode_batch` over `batch_size` prompts
-    at a time (eval mode, no grad; training mode restored), stopping at the model's or tokenizer's EOS.
-    The same decoding as `LocalBackend.generate_greedy`, without a backend around the model."""
+    """A `sdft.evaluation.GenerateFn` for a plain causal LM: greedy `decode_in_batches`, stopping at the
+    model's or tokenizer's EOS; the same decoding as `LocalBackend.generate_greedy` without a backend."""
     check_positive_int("batch_size", batch_size)
     eos = _eos_ids(causal_lm, tokenizer, eos_token_ids)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
@@ -478,19 +463,29 @@ def greedy_generate_fn(causal_lm: nn.Module, tokenizer, *, batch_size: int = 8,
     def generate(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         check_positive_int("max_new_tokens", max_new_tokens)
         prompts = check_token_lists("prompt_ids", prompt_ids)
-        was_training = causal_lm.training
-        causal_lm.eval()
-        out = []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(prompts), batch_size):
-                    out.extend(ids for ids, _, _ in decode_batch(
-                        causal_lm, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                        temperature=1.0, top_p=1.0, greedy=True, pad_token_id=pad, eos_token_ids=eos))
-        finally:
-            causal_lm.train(was_training)
-        return out
+        return [ids for ids, _, _ in decode_in_batches(causal_lm, prompts, batch_size=batch_size,
+                                                      max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                                                      greedy=True, pad_token_id=pad, eos_token_ids=eos)]
     return generate
+
+
+def decode_in_batches(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, batch_size: int,
+                      generators: Sequence[torch.Generator] | None = None,
+                      **options) -> list[tuple[list[int], list[float], bool]]:
+    """`decode_batch` over `batch_size` prompts at a time (prompt b with generators[b] when given), in eval
+    mode under torch.no_grad(); the module's training mode is restored afterwards."""
+    results = []
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                results.extend(decode_batch(causal_lm, prompts[start:start + batch_size], **options,
+                                            generators=None if generators is None else
+                                            generators[start:start + batch_size]))
+    finally:
+        causal_lm.train(was_training)
+    return results
 
 
 def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
