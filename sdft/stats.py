@@ -72,6 +72,8 @@ def paired_ratio_ci(a: Any, b: Any, confidence: float = 0.95, n_resamples: int =
         return float("nan"), float("nan"), float("nan")
     top, bottom = _resampled_means(left, n_resamples, seed), _resampled_means(right, n_resamples, seed)
     keep = bottom > 0
+    if not keep.any():
+        return float(left.mean() / right.mean()), float("nan"), float("nan")
     alpha = 1.0 - confidence
     low, high = np.quantile(top[keep] / bottom[keep], [alpha / 2, 1 - alpha / 2])
     return float(left.mean() / right.mean()), float(low), float(high)

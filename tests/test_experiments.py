@@ -110,7 +110,7 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
     # a changed spec is not silently mixed with finished cells
     changed = dataclasses.replace(spec, overrides=["optim.lr=0.5"])
     with pytest.raises(ValueError, match=r"cell base: .* different config \(optim.lr: 0.001 -> 0.5\)"):
-        run_ablation(changed, results_dir=tmp_path / "results", train_fn=again, log=lines.append)  # accuracy, per seed, vs reference, vs base
+        run_ablation(changed, results_dir=tmp_path / "results", train_fn=again, log=lines.append)
 
 
 def _with_benchmark(spec, task, **fields):
@@ -319,7 +319,7 @@ def test_paired_ratio_ci():
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("run_continual_learning.py", ["seeds=zero"], "seeds=zero: every value must be a int"),
+    ("run_continual_learning.py", ["seeds=zero"], "seeds=zero: every value must be an integer"),
     ("run_continual_learning.py", ["stages=2"], "stages=2: allowed 1 or 1,2"),
     ("run_continual_learning.py", ["methods=sft,dpo"], "\\['dpo'\\] not in"),
     ("run_ablation.py", ["epochs=3"], "unknown key 'epochs'"),
@@ -367,7 +367,6 @@ def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, p
     if spec_file.startswith("ablation"):
         base, groups = ablation_cells(spec, data, tmp_path, methods=list(spec.methods), seeds=spec.seeds)
         cells = [base] + [c for group in groups.values() for c in group]
-        assert len(cells) == 1 + len(spec.methods) * len(spec.seeds)
     else:
         arms = [Arm(m, lr) for m in spec.methods for lr in learning_rates(spec)]
         base, first, second = continual_cells(spec, data, tmp_path, arms=arms, seeds=spec.seeds, stages=[1, 2])

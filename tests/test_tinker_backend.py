@@ -328,7 +328,7 @@ def test_offline_service_rejects_what_it_does_not_implement(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"unknown checkpoint tinker://run-9/weights/x"):
         service.create_training_client_from_state("tinker://run-9/weights/x").result()
     sampler = service.create_sampling_client(base_model=BASE).result()
-    with pytest.raises(ValueError, match=r"top_k -1 \(off\) or 1 \(greedy\)"):
+    with pytest.raises(ValueError, match=r"top_k -1 or 0 \(off\) or 1 \(greedy\)"):
         sampler.sample(prompt=types.ModelInput.from_ints([1, 2]), num_samples=1,
                        sampling_params=types.SamplingParams(max_tokens=2, top_k=5)).result()
     # what it implements: cross-entropy is -sum(weights * log p), reported per datum and summed

@@ -245,8 +245,7 @@ def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tens
         log_p = torch.where(valid, lp - lse, zero)
         p = torch.where(valid, log_p.exp(), zero)
         log_q = torch.log(torch.where(q > 0, q, torch.ones_like(q)))
-        per_token = torch.where(valid & (q > 0), p * (log_p - log_q), zero).sum(-1)
-        return torch.where(any_valid, per_token, torch.zeros_like(per_token))
+        return torch.where(valid & (q > 0), p * (log_p - log_q), zero).sum(-1)  # 0 on rows without a valid slot
     safe_lp = torch.where(valid, lp, zero)
     per_token = -torch.where(q > 0, q * safe_lp, zero).sum(-1)
     if kind == "forward_kl":

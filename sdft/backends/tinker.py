@@ -186,7 +186,6 @@ class TinkerBackend:
         self._teacher = None
         self._teacher_path: str | None = None  # None: the base model
         self._steps = 0                # optimizer steps done
-        self._teacher_invalid: tuple[int, int] = (0, 0)  # (invalid slots, slots) of the last top-K targets
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
 
@@ -333,20 +332,18 @@ class TinkerBackend:
             submits = [_logprob_request(teacher, sequences[i], len(rollouts[i].completion_ids)) for i in scored]
         responses = dict(zip(scored, self._gather(submits, "teacher scoring")))
         if spec.targets == "topk":
-            ids_out, lps_out, invalid = [], [], 0
+            ids_out, lps_out = [], []
             for i, rollout in enumerate(rollouts):
                 if i not in responses:
                     ids_out.append(torch.full((0, spec.topk), -1, dtype=torch.long))
                     lps_out.append(torch.zeros((0, spec.topk), dtype=torch.float32))
                     continue
-                ids, lps, bad = topk_rows_from_response(
+                ids, lps, _ = topk_rows_from_response(
                     responses[i].topk_prompt_logprobs, prompt_len=len(prompts[i]),
                     completion_len=len(rollout.completion_ids), k=spec.topk, vocab_size=self.vocab_size,
                     where=f"teacher response for rollout {i}")
                 ids_out.append(ids)
                 lps_out.append(lps)
-                invalid += bad
-            self._teacher_invalid = (invalid, sum(t.numel() for t in ids_out))
             return TopKTargets(tuple(ids_out), tuple(lps_out), None)
         lps_out = []
         for i, rollout in enumerate(rollouts):
@@ -408,7 +405,8 @@ class TinkerBackend:
 
         loss, divergence, is_weights = self._step_values(output, rows, spec, builtin, captured)
         elapsed = time.perf_counter() - start_time
-        invalid, slots = self._teacher_invalid if spec.targets == "topk" else (0, 0)
+        invalid = sum(int((t < 0).sum()) for t in targets.ids) if spec.targets == "topk" else 0
+        slots = sum(t.numel() for t in targets.ids) if spec.targets == "topk" else 0
         grad_norm = float((optim_result.metrics or {}).get("grad_norm", math.nan)) if optim_result is not None else math.nan
         denominator = max(total_counted, 1)
         return {
@@ -529,12 +527,8 @@ class TinkerBackend:
                 divergence += float(((logprobs - row.teacher) * row.mask).sum())
                 is_weights.append(float(_truncated_is_weight(logprobs, row.sampler, row.mask, None)))
             else:
-                _, q, _ = topk_teacher_weights(row.ids, row.teacher, self.vocab_size, "renormalize")
-                q = q.double()
-                per_token = -torch.where(q > 0, q * logprobs, torch.zeros_like(q)).sum(-1)
-                if spec.topk_kind == "forward_kl":
-                    per_token = per_token + torch.where(q > 0, q * torch.log(torch.where(q > 0, q, torch.ones_like(q))),
-                                                        torch.zeros_like(q)).sum(-1)
+                per_token = topk_loss_from_logprobs(logprobs, row.ids, row.teacher, vocab_size=self.vocab_size,
+                                                    normalize="renormalize", kind=spec.topk_kind)
                 divergence += float((per_token * row.mask).sum())
             loss += float((per_token * row.weight).sum())
         return loss, divergence, is_weights

@@ -217,8 +217,8 @@ class _Engine:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"checkpoint name must be a non-empty string without '/', got {name!r}")
         path = f"tinker://{run_id}/{kind}/{name}"
-        if not overwrite and (path in self.store or self._folder(path) is not None
-                              and (self._folder(path) / "meta.json").is_file()):
+        existing = self._folder(path)
+        if not overwrite and (path in self.store or existing is not None and (existing / "meta.json").is_file()):
             raise ValueError(f"checkpoint {path} exists; pass overwrite=True or pick another name")
         self._remember(path, payload)
         if kind == "weights" and self.root is not None:
@@ -423,7 +423,7 @@ class OfflineSamplingClient:
         if params.max_tokens is None or params.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {params.max_tokens!r}")
         if params.top_k not in (-1, 0, 1):
-            raise ValueError(f"the offline service supports top_k -1 (off) or 1 (greedy), got {params.top_k}")
+            raise ValueError(f"the offline service supports top_k -1 or 0 (off) or 1 (greedy), got {params.top_k}")
         if not isinstance(topk, int) or topk < 0:
             raise ValueError(f"topk_prompt_logprobs must be an int >= 0, got {topk!r}")
         if (topk or last_n is not None) and not include_prompt_logprobs:

@@ -29,7 +29,8 @@ def typed(chosen: dict[str, list[str]], key: str, cast: Callable) -> list | None
     try:
         return [cast(v) for v in chosen[key]]
     except ValueError:
-        raise ValueError(f"{key}={','.join(chosen[key])}: every value must be a {cast.__name__}") from None
+        kind = {int: "an integer", float: "a number"}.get(cast, cast.__name__)
+        raise ValueError(f"{key}={','.join(chosen[key])}: every value must be {kind}") from None
 
 
 def run_experiment_script(doc: str, *, script: str, default_config: str, keys: Sequence[str],

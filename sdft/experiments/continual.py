@@ -133,7 +133,8 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
         return {**{t: mean_ci(group, t) for t in titles}, **{k: mean_ci(rescored, k) for k in extra}}
 
     # points[arm] = intervals at base, after stage 1 and (when run) after stage 2
-    points = {arm: [point(g) for g in ([base], cells(1, arm), cells(2, arm)) if g is not None] for arm in arms}
+    base_point = point([base])
+    points = {arm: [base_point] + [point(g) for g in (cells(1, arm), cells(2, arm)) if g is not None] for arm in arms}
     rows1 = [["Base model", "", fmt(points[arms[0]][0][task_a]), fmt(points[arms[0]][0][task_b]), ""]]
     for arm in arms:
         rows1.append([label(arm), f"{arm.lr:g}", fmt(points[arm][1][task_a]), fmt(points[arm][1][task_b]),

@@ -26,15 +26,17 @@ def rescore_cells(spec: ExperimentSpec, cells_dir: str | Path, results: Sequence
     for result in results:
         scores = {}
         for name, task in spec.tasks.items():
+            if not task.also_score:
+                continue
+            folder = Path(cells_dir) / result.name / "predictions"
+            path = folder / f"{name}.jsonl"
+            if not path.is_file():
+                path = folder / f"{name}.before.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"cell {result.name}: no predictions for {name!r} in {folder}")
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            score = score_tool_calls if task.kind == "tooluse" else score_mcq
             for mode in task.also_score:
-                folder = Path(cells_dir) / result.name / "predictions"
-                path = folder / f"{name}.jsonl"
-                if not path.is_file():
-                    path = folder / f"{name}.before.jsonl"
-                if not path.is_file():
-                    raise FileNotFoundError(f"cell {result.name}: no predictions for {name!r} in {folder}")
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                score = score_tool_calls if task.kind == "tooluse" else score_mcq
                 scores[secondary_key(name, mode)] = [int(score(r["completion"], r["reference"], mode)) for r in rows]
         out.append(CellResult(name=result.name, meta=result.meta, scores=scores, wall_s=result.wall_s))
     return out
