@@ -157,6 +157,17 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> Ch
                       state=meta["state"], rng=meta["rng"])
 
 
+def check_state_tensors(what: str, expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming `what` unless `given` has exactly the names of `expected`, each with its shape."""
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what} must hold exactly the expected tensors; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, tensor in expected.items():
+        if tuple(given[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(given[name].shape)}, expected {tuple(tensor.shape)}")
+
+
 def capture_rng_state() -> dict[str, Any]:
     """The global RNG states of Python, NumPy, torch (CPU) and every CUDA device, as JSON-able data."""
     version, internal, gauss_next = random.getstate()

@@ -23,6 +23,8 @@ from typing import ContextManager, Iterator
 import torch
 from torch import nn
 
+from sdft.checkpoint import check_state_tensors
+
 TEACHER_MODES = ("static", "ema", "sync")
 
 
@@ -66,19 +68,11 @@ class _Mirror:
 
     @torch.no_grad()
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        missing = sorted(set(self.pairs) - set(state))
-        unexpected = sorted(set(state) - set(self.pairs))
-        if missing or unexpected:
-            raise ValueError(f"teacher state must hold exactly the teacher tensors; missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        check_state_tensors("teacher state", {name: teacher for name, (teacher, _) in self.pairs.items()}, state)
         for name, (teacher, _) in self.pairs.items():
-            value = state[name]
-            if tuple(value.shape) != tuple(teacher.shape):
-                raise ValueError(f"teacher state {name!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(teacher.shape)}")
-            teacher.copy_(value)
+            teacher.copy_(state[name])
             if name in self.master:
-                self.master[name].copy_(value)
+                self.master[name].copy_(state[name])
 
 
 class Teacher(abc.ABC):

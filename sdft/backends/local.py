@@ -23,6 +23,7 @@ from sdft.backends.base import (FullVocabTargets, LossSpec, Rollout, SampledTarg
                                 check_token_lists, check_train_step, sequence_weights, topk_loss_from_logprobs)
 from sdft.losses import (fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk,
                          fused_linear_topk_distill_loss, sampled_token_loss)
+from sdft.checkpoint import check_state_tensors
 from sdft.optim import LOW_PRECISION, MasterWeights, build_optimizer, build_schedule
 from sdft.teacher import TEACHER_MODES, build_teacher
 
@@ -421,15 +422,8 @@ class LocalBackend:
                 raise ValueError(f"state must have the groups student, teacher and rng; missing {group!r}")
         params = self._trainable()
         student = state["student"]
-        missing, unexpected = sorted(set(params) - set(student)), sorted(set(student) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"state['student'] must hold exactly the trainable parameters; missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+        check_state_tensors("state['student']", params, student)
         with torch.no_grad():
-            for name, p in params.items():
-                if tuple(student[name].shape) != tuple(p.shape):
-                    raise ValueError(f"state['student'][{name!r}] has shape {tuple(student[name].shape)}, "
-                                     f"expected {tuple(p.shape)}")
             if self.masters is not None:
                 self.masters.load_state_tensors(student)
             else:

@@ -64,6 +64,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from sdft.backends.local import _check_plain_output_head, _eos_ids, _sampling_logprobs, decode_batch
+from sdft.checkpoint import check_state_tensors
 
 try:  # the SDK is an optional dependency: `pip install sdft[tinker]`
     from tinker import types
@@ -163,13 +164,10 @@ class _Engine:
 
     def copy_into(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         params = self.adapter_params(name)
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"saved LoRA weights do not fit adapter {name!r}: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        check_state_tensors(f"saved LoRA weights for adapter {name!r}", params, tensors)
         with torch.no_grad():
             for key, param in params.items():
-                param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+                param.copy_(tensors[key])
 
     def snapshot_adapter(self, path: str, payload: dict) -> str:
         """The adapter holding the snapshot `payload` saved at `path` (copied into a per-config adapter)."""
