@@ -8,7 +8,7 @@ Shared layout of `configs/ablation_*.yaml` and `configs/continual_learning.yaml`
       tooluse: {title: Tool-use, kind: tooluse, path: ..., split: api, test_fraction: 0.3, split_seed: 0,
                 benchmark: {max_new_tokens: 1024, tooluse_mode: strict}}
     methods:                               # name -> fields; `overrides` are key=value run-config overrides
-      full_ema: {overrides: [loss.targets=full, teacher.mode=ema], kl: Full-vocab, ema: "yes"}
+      full_ema: {overrides: [objective.targets=full, teacher.mode=ema], kl: Full-vocab, ema: "yes"}
     seeds: [0, 1, 2]
     overrides: [...]                       # applied to every cell
     presets:                               # named variants; a preset may replace seeds/methods/tasks fields
