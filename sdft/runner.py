@@ -7,13 +7,14 @@ predictions, checkpoints and the summary.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdft.batches import encode_examples, total_steps
+from sdft.batches import encode_examples, total_steps, truncation_report
 from sdft.build import build_benchmarks, build_local_backend, build_tinker_backend, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
@@ -88,9 +89,10 @@ def validate_run(config: Config) -> list[str]:
         _, tokenizer = load_model_and_tokenizer(model_path, cache_dir=config.model.cache_dir)
         lines.append(f"model: ok ({config.model.name} -> {model_path}, vocabulary {len(tokenizer)})")
     data = load_run_data(config)
-    encode_examples(tokenizer, data.train[:4], template=config.teacher.template,
-                    max_prompt_tokens=config.data.max_prompt_tokens)
+    encoded = encode_examples(tokenizer, data.train, template=config.teacher.template,
+                              max_prompt_tokens=config.data.max_prompt_tokens)
     lines += [f"data: ok ({note})" for note in data.notes]
+    lines.append(f"prompts: {truncation_report(encoded, config.data.max_prompt_tokens).describe()}")
     for benchmark, max_items in build_benchmarks(config, data.heldout):
         lines.append(f"benchmark {benchmark.name}: ok ({len(benchmark.items)} items"
                      + (f", first {max_items} used" if max_items else "") + ")")
@@ -150,6 +152,11 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
         step_fn = _averaging_metrics(step_fn)
     notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
                                 + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
+    truncation = truncation_report(train, config.data.max_prompt_tokens).note
+    if truncation is not None:
+        notes.append(truncation)
+        if dist.is_main:
+            warnings.warn(truncation, stacklevel=2)
     if config.backend.kind == "tinker":
         notes.append(f"backend: Tinker ({config.backend.tinker_service} service), base model "
                      f"{config.backend.tinker_base_model}, LoRA rank {config.backend.tinker_lora_rank}")
