@@ -165,8 +165,8 @@ def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
     The user turn is `user_template.format(**inputs)`; `expected` is both the demonstration and the
     answer (a non-string expected is JSON-encoded for the demonstration). Optional row keys:
     "demonstration" (overrides the demonstration), "id" or "task_id", "task". Blank lines are skipped.
-    Refused, naming the file, line and field: a null or blank "expected" (or an empty list, or a blank
-    string in it), a null or blank "demonstration", and a question that renders to nothing.
+    Refused, naming the file, line and field: a null or blank "expected" or "demonstration" (or an empty
+    list or object, or a blank string in a list), and a question that renders to nothing.
     """
     path = Path(path)
     if not path.is_file():
@@ -190,10 +190,8 @@ def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
             raise ValueError(f"{where}: missing field 'expected'; "
                              "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
         _require_answer(row["expected"], f"{where}: field 'expected'")
-        if "demonstration" in row:
-            demonstration = require_text(row["demonstration"], f"{where}: field 'demonstration'")
-        else:
-            demonstration = _as_text(row["expected"])
+        shown = row["demonstration"] if "demonstration" in row else row["expected"]
+        demonstration = _as_text(_require_answer(shown, f"{where}: field 'demonstration'"))
         task = row.get("task", "generic")
         if task not in TASKS:
             raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
