@@ -135,7 +135,8 @@ class DataConfig(Section):
     path: Optional[str] = setting(None, doc="required: a JSONL file, a dataset folder, or a dataset id")
     user_template: str = setting("{question}", doc="jsonl/hf: the user turn, formatted with the row's fields")
     system_prompt: Optional[str] = None
-    max_prompt_tokens: int = setting(1024, ge=1, doc="longer prompts are truncated from the left")
+    max_prompt_tokens: int = setting(
+        1024, ge=1, doc="student prompts are cut from the left; teacher prompts from the end of the demonstration")
     thinking_format: bool = setting(False, doc="science: the cookbook's thinking format")
     split: Literal["none", "random", "api"] = setting("none", doc="how a held-out test split is carved out")
     test_fraction: float = setting(0.2, gt=0, lt=1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from sdft.data import iter_text_lines
 from sdft.io import atomic_write_jsonl
 from sdft.stats import wilson_interval
 from sdft.verifiers import (MCQ_MODES, TOOLUSE_MODES, VERIFIERS, check_expected, get_verifier,
@@ -106,23 +107,23 @@ def load_task_benchmark(folder: str | os.PathLike, name: str | None = None, spli
          "verifier": {"kind": "in_process", "fn_name": <a VERIFIERS name>, "expected": ...}}
 
     The instruction becomes a single user message. `name` defaults to the folder's name. Errors name
-    the file and line.
+    the file and line; a degenerate `expected` (blank, a regex that matches the empty string, no tool
+    calls: see `sdft.verifiers`) is refused as the field 'verifier.expected'.
     """
     path = Path(folder) / TASKS_FILE
     if not path.is_file():
         raise ValueError(f"benchmark folder {str(folder)!r}: no {TASKS_FILE} in it")
     items = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            item = _task_item(line, where)
-            if item.id in seen:
-                raise ValueError(f"{where}: task_id {item.id!r} already used on line {seen[item.id]}")
-            seen[item.id] = line_number
-            items.append(item)
+    for line_number, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        item = _task_item(line, where)
+        if item.id in seen:
+            raise ValueError(f"{where}: task_id {item.id!r} already used on line {seen[item.id]}")
+        seen[item.id] = line_number
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no tasks (the file is empty)")
     return Benchmark(name=name or Path(folder).resolve().name, items=tuple(items), split=split,
@@ -157,7 +158,7 @@ def _task_item(line: str, where: str) -> EvalItem:
     try:
         check_expected(fn_name, spec["expected"])
     except ValueError as err:
-        raise ValueError(f"{where}: verifier expected: {err}") from None
+        raise ValueError(f"{where}: field 'verifier.expected': {err}") from None
     return EvalItem(id=str(task_id), messages=({"role": "user", "content": instruction},),
                     verifier=functools.partial(VERIFIERS[fn_name], expected=spec["expected"]),
                     reference=spec["expected"])

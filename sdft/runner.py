@@ -7,13 +7,14 @@ predictions, checkpoints and the summary.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdft.batches import encode_examples, total_steps
+from sdft.batches import encode_examples, total_steps, truncation_report
 from sdft.build import build_benchmarks, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
@@ -59,9 +60,10 @@ def validate_run(config: Config) -> list[str]:
     tokenizer, model_lines = preflight(config)
     lines += model_lines
     data = load_run_data(config)
-    encode_examples(tokenizer, data.train[:4], template=config.teacher.template,
-                    max_prompt_tokens=config.data.max_prompt_tokens)
+    encoded = encode_examples(tokenizer, data.train, template=config.teacher.template,
+                              max_prompt_tokens=config.data.max_prompt_tokens)
     lines += [f"data: ok ({note})" for note in data.notes]
+    lines.append(f"prompts: {truncation_report(encoded, config.data.max_prompt_tokens).describe()}")
     for benchmark, max_items in build_benchmarks(config, data.heldout):
         lines.append(f"benchmark {benchmark.name}: ok ({len(benchmark.items)} items"
                      + (f", first {max_items} used" if max_items else "") + ")")
@@ -112,6 +114,11 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
         step_fn = _averaging_metrics(step_fn)
     notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
                                 + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
+    truncation = truncation_report(train, config.data.max_prompt_tokens).note
+    if truncation is not None:
+        notes.append(truncation)
+        if dist.is_main:
+            warnings.warn(truncation, stacklevel=2)
     notes += backend.notes
     return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks, steps=steps,
                         step_fn=step_fn, run_dir=run_dir, notes=notes, is_main_process=dist.is_main,

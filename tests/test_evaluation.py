@@ -88,6 +88,37 @@ def test_load_task_benchmark_errors_name_file_and_line(tmp_path, line, message):
         load_task_benchmark(folder)
 
 
+@pytest.mark.parametrize("fn_name, expected, problem", [
+    ("contains", "", r"contains: expected '' is blank \(every completion contains it\); allowed: a string"),
+    ("contains", ["Berlin", ""], r"contains: expected '' is blank"),
+    ("exact_match", "  ", r"exact_match: expected '  ' is blank \(it rewards only an empty reply\)"),
+    ("regex_match", "", r"regex_match: expected '' matches the empty string .*allowed: a pattern"),
+    ("regex_match", r"\d*", r"regex_match: expected '\\\\d\*' matches the empty string"),
+    ("tool_calls_match", [], r"golden_answer: an empty list of calls .*expected at least one"),
+])
+def test_degenerate_expected_is_refused_at_load_with_file_line_and_field(tmp_path, fn_name, expected, problem):
+    folder = _write_tasks(tmp_path / "bench", [_task("first", "q", "contains", "x"),
+                                               _task("second", "q", fn_name, expected)])
+    with pytest.raises(ValueError, match=rf"tasks\.jsonl:2: field 'verifier\.expected': {problem}"):
+        load_task_benchmark(folder)
+
+
+def test_tasks_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    good = json.dumps(_task("a", "q", "contains", "x")).encode()
+    bad = json.dumps(_task("b", "Caf\u00e9?", "contains", "x"), ensure_ascii=False).encode("latin-1")
+    (folder / "tasks.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=r"tasks\.jsonl:2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_task_benchmark(folder)
+
+
+def test_benchmark_from_examples_refuses_a_blank_generic_answer():
+    example = SimpleNamespace(id="g", task="generic", answer=" ", messages=_user("q"))
+    with pytest.raises(ValueError, match=r"benchmark 'b', example 'g': contains: expected ' ' is blank"):
+        benchmark_from_examples("b", [example])
+
+
 def test_load_task_benchmark_missing_or_empty(tmp_path):
     with pytest.raises(ValueError, match="no tasks.jsonl"):
         load_task_benchmark(tmp_path)

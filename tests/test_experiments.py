@@ -2,6 +2,7 @@
 reports, run end to end on a tiny model (real training, evaluation, export and reload)."""
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -289,6 +290,31 @@ def test_spec_errors_name_the_key(tmp_path, mutate, message):
     path = _write_spec(tmp_path, "unused", "ablation")
     path.write_text(mutate(path.read_text()))
     with pytest.raises(ValueError, match=message):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.replace("seeds: [0, 1]", "seedz: [0, 1]"), r"unknown key 'seedz' \(did you mean 'seeds'\?\)"),
+    (lambda s: s.replace("reference: topk", "referense: topk"),
+     r"unknown key 'referense' \(did you mean 'reference'\?\)"),
+    (lambda s: s + "flavour: mint\n", r"unknown key 'flavour'; allowed: \['columns', 'config', "),
+    (lambda s: s.replace("split: api,", "split: api, test_fration: 0.2,"),
+     r"unknown key 'tasks\.tool\.test_fration' \(did you mean 'tasks\.tool\.test_fraction'\?\); allowed: "
+     r"\['also_score', 'benchmark', "),
+    (lambda s: s.replace("small: {methods:", "small: {seedz: [0], methods:"),
+     r"unknown key 'presets\.small\.seedz' \(did you mean 'presets\.small\.seeds'\?\)"),
+])
+def test_unknown_spec_keys_are_refused_with_a_close_match(tmp_path, mutate, message):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_spec(path)
+
+
+def test_spec_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text"):
         load_spec(path)
 
 
