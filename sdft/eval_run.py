@@ -108,7 +108,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     benchmarks = build_benchmarks(config, data.heldout)
     results = evaluate_benchmarks(benchmarks, generate, tokenizer, predictions_dir=out_dir / "predictions",
                                   max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                                  progress=progress)
+                                  progress=progress, chat_template_kwargs=config.data.chat_template_kwargs)
     for benchmark, _ in benchmarks:
         row = asdict(results[benchmark.name])
         row["per_item"] = [int(x) for x in row["per_item"]]

@@ -61,7 +61,8 @@ def validate_run(config: Config) -> list[str]:
     lines += model_lines
     data = load_run_data(config)
     encoded = encode_examples(tokenizer, data.train, template=config.teacher.template,
-                              max_prompt_tokens=config.data.max_prompt_tokens)
+                              max_prompt_tokens=config.data.max_prompt_tokens,
+                              chat_template_kwargs=config.data.chat_template_kwargs)
     lines += [f"data: ok ({note})" for note in data.notes]
     lines.append(f"prompts: {truncation_report(encoded, config.data.max_prompt_tokens).describe()}")
     for benchmark, max_items in build_benchmarks(config, data.heldout):
@@ -106,7 +107,8 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
                             grad_sync=_gradient_averager(dist.world_size), run_dir=run_dir)
     tokenizer = backend.tokenizer
     train = encode_examples(tokenizer, data.train, template=config.teacher.template,
-                            max_prompt_tokens=config.data.max_prompt_tokens)
+                            max_prompt_tokens=config.data.max_prompt_tokens,
+                            chat_template_kwargs=config.data.chat_template_kwargs)
     benchmarks = build_benchmarks(config, data.heldout)
     make_step = sdft_step_fn if config.algorithm == "sdft" else sft_step_fn
     step_fn = make_step(config, rank=dist.rank, world_size=dist.world_size)
