@@ -30,31 +30,46 @@ class RunStudent:
     checkpoint: Path
 
 
+def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of the run in `run_dir` (its config.yaml plus `overrides`)."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
+    return load_config(config_path, list(overrides))
+
+
+def find_run_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints,
+    or a path) of the run in `run_dir`; None: the latest complete checkpoint."""
+    from sdft.checkpoint import latest_checkpoint, list_checkpoints
+
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+        return path
+    candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
+    path = next((c for c in candidates if (c / "state.json").is_file()), None)
+    if path is None:
+        names = [p.name for p in list_checkpoints(run_dir)]
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
+                                f"complete checkpoints: {names or 'none'}")
+    return path
+
+
 def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                      overrides: list[str] | tuple[str, ...] = (), device=None) -> RunStudent:
     """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
     `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints, or a path; default:
     the latest complete checkpoint)."""
     from sdft.backends import build_backend, require_local_weights
-    from sdft.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from sdft.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
-    config = load_config(config_path, list(overrides))
-    require_local_weights(config, str(config_path))
-    if checkpoint is None:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
-    else:
-        candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
-        path = next((c for c in candidates if (c / "state.json").is_file()), None)
-        if path is None:
-            names = [p.name for p in list_checkpoints(run_dir)]
-            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
-                                    f"complete checkpoints: {names or 'none'}")
+    config = load_run_config(run_dir, overrides)
+    require_local_weights(config, str(run_dir / "config.yaml"))
+    path = find_run_checkpoint(run_dir, checkpoint)
     backend = build_backend(config, steps=1, device=device)
     backend.load_state_tensors(load_checkpoint(path).tensors)
     return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=path)

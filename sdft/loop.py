@@ -22,7 +22,8 @@ from sdft.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoi
                              save_checkpoint)
 from sdft.config import Config, config_to_dict, dump_config
 from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
-from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
+from sdft.logs import (MetricsLogger, ProgressBar, check_logging_requirements, plot_learning_curves,
+                       write_summary)
 from sdft.objectives import build_objective
 from sdft.sampling import SamplingParams
 
@@ -121,6 +122,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     time-boxed jobs; `is_main_process` = False writes nothing (other ranks of a distributed run).
     """
     run_dir = Path(run_dir)
+    if is_main_process:
+        check_logging_requirements(config.logging.trackers, config.logging.plot)
     show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
     checkpoint_path = latest_checkpoint(run_dir) if config.resume else None
@@ -136,7 +139,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         dump_config(config, run_dir / "config.yaml")
     last = steps if stop_after is None else min(steps, stop_after)
     reevaluate = checkpoint_path is not None and start_step == last == steps  # only the final evaluation again
-    logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard,
+    logger = MetricsLogger(run_dir, report_to=config.logging.trackers, run_name=config.run_name,
+                           project=config.logging.project, config=config_to_dict(config),
                            resume_step=start_step if checkpoint_path is not None else None,
                            keep_at_resume_step=("train",) if reevaluate else None) if is_main_process else None
 

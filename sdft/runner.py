@@ -55,8 +55,13 @@ def validate_run(config: Config) -> list[str]:
     data loads and encodes, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
     from sdft.backends import preflight
 
+    from sdft.logs import check_logging_requirements
+
     lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, objective {config.objective.targets}, "
              f"backend {config.backend.kind})"]
+    check_logging_requirements(config.logging.trackers, config.logging.plot)
+    lines.append(f"logging: ok (trackers: {', '.join(config.logging.trackers) or 'none'}; "
+                 f"plot {'on' if config.logging.plot else 'off'})")
     tokenizer, model_lines = preflight(config)
     lines += model_lines
     data = load_run_data(config)
