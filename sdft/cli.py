@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "sdft", script: Seque
     except _UsageError as error:
         print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

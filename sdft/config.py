@@ -269,7 +269,7 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     """A config file: `name_or_path` itself when it is a file, else the shipped config of that name
     ("quickstart" or "quickstart.yaml"); a FileNotFoundError naming the shipped configs otherwise."""
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a file (or /dev/null: all defaults)
         return path
     text = os.fspath(name_or_path)
     if path.parent == Path(".") and text not in ("", ".", ".."):
