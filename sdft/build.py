@@ -45,9 +45,9 @@ def _loader_options(config: Config) -> dict:
     return {}
 
 
-def _load(kind: str, path: Path, config: Config, **options) -> list[PromptExample]:
+def _load(kind: str, path: Path, system_prompt: str | None, **options) -> list[PromptExample]:
     """Examples of a loader, with data.system_prompt as their system turn (every kind)."""
-    return [with_system_prompt(example, config.data.system_prompt) for example in load_examples(kind, path, **options)]
+    return [with_system_prompt(example, system_prompt) for example in load_examples(kind, path, **options)]
 
 
 def load_run_data(config: Config) -> RunData:
@@ -62,7 +62,7 @@ def load_run_data(config: Config) -> RunData:
         notes.append(f"data.path {data.path} is absent: training on data.fallback_path {data.fallback_path} "
                      f"instead, split by {data.fallback_split!r}")
         path, split = fallback, data.fallback_split
-    examples = _load(data.kind, path, config, **_loader_options(config))
+    examples = _load(data.kind, path, data.system_prompt, **_loader_options(config))
     if not examples:
         raise ValueError(f"data.path={data.path!r}: the dataset is empty")
     notes.append(f"data: {len(examples)} examples of kind {data.kind!r} from {path}")
@@ -95,12 +95,13 @@ def build_benchmarks(config: Config, heldout: list[PromptExample]) -> list[tuple
             elif bench.kind == "heldout" and not bench.path:
                 raise ValueError(f"eval.benchmarks {bench.name!r}: kind 'heldout' needs a data split or a path")
             elif bench.kind == "heldout":
-                examples = _load(config.data.kind, resolve_path(bench.path), config, **_loader_options(config))
+                examples = _load(config.data.kind, resolve_path(bench.path), config.data.system_prompt,
+                                 **_loader_options(config))
             else:
                 options = {"thinking_format": config.data.thinking_format} if bench.kind == "science" else {}
                 if bench.kind == "jsonl":
                     options = {"user_template": config.data.user_template}
-                examples = _load(bench.kind, resolve_path(bench.path), config, **options)
+                examples = _load(bench.kind, resolve_path(bench.path), config.data.system_prompt, **options)
             benchmark = benchmark_from_examples(bench.name, examples, tooluse_mode=bench.tooluse_mode,
                                                 mcq_mode=bench.mcq_mode, **common)
         out.append((benchmark, bench.max_items))

@@ -478,16 +478,18 @@ def _dataset_rows(dataset, source: str, split: str | None) -> Rows:
     return Rows(source=source, label=split or "data", rows=rows)
 
 
-def _load_folder(path: Path, config: str | None, split: str | None):
-    """A folder of data files (the layout of a hub dataset repository) through `datasets.load_dataset`."""
+def _load_folder(path: Path, config: str | None, split: str | None, what: str | None = None):
+    """A folder of data files (the layout of a hub dataset repository) through `datasets.load_dataset`;
+    `what` names it in errors (default: "dataset folder '<path>'")."""
     import datasets
 
+    what = what or f"dataset folder {str(path)!r}"
     if split is None:
-        raise ValueError(f"dataset folder {str(path)!r}: a split is needed (data.hf_split)")
+        raise ValueError(f"{what}: a split is needed (data.hf_split)")
     try:
         return datasets.load_dataset(str(path), config, split=split)
     except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"dataset folder {str(path)!r} (config {config!r}, split {split!r}): {error}") from None
+        raise ValueError(f"{what} (config {config!r}, split {split!r}): {error}") from None
 
 
 def _load_hub(name: str, config: str | None, split: str | None, revision: str | None):
@@ -513,7 +515,7 @@ def _load_hub(name: str, config: str | None, split: str | None, revision: str | 
             f"Face cache ({error.__class__.__name__}). Load it once on a machine with network access (or "
             f"`hf download --repo-type dataset {name}`) and copy the cache (HF_HOME) here, or pass a local "
             "data file or folder") from None
-    return _load_folder(Path(local), config, split)
+    return _load_folder(Path(local), config, split, what=f"dataset {name!r} (from the hub cache {local})")
 
 
 # ---------------------------------------------------------------------------------------- HF datasets
