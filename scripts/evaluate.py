@@ -11,4 +11,4 @@ import sys
 from sdft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]], prog="scripts/evaluate.py", script=["python", "scripts/evaluate.py"]))
+    sys.exit(main(["evaluate", *sys.argv[1:]], script=["python", "scripts/evaluate.py"]))

@@ -9,5 +9,4 @@ import sys
 from sdft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["ablate", *sys.argv[1:]], prog="scripts/run_ablation.py",
-                  script=["python", "scripts/run_ablation.py"]))
+    sys.exit(main(["ablate", *sys.argv[1:]], script=["python", "scripts/run_ablation.py"]))

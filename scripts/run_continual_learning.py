@@ -9,5 +9,4 @@ import sys
 from sdft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["continual", *sys.argv[1:]], prog="scripts/run_continual_learning.py",
-                  script=["python", "scripts/run_continual_learning.py"]))
+    sys.exit(main(["continual", *sys.argv[1:]], script=["python", "scripts/run_continual_learning.py"]))

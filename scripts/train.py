@@ -10,4 +10,4 @@ import sys
 from sdft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]], prog="scripts/train.py", script=["python", "scripts/train.py"]))
+    sys.exit(main(["train", *sys.argv[1:]], script=["python", "scripts/train.py"]))

@@ -45,25 +45,29 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. optim.lr=5e-4 teacher.mode=ema 'logging.report_to=[wandb]'")
 
 
-def build_parser(prog: str = "sdft") -> argparse.ArgumentParser:
+def build_parser(prog: str = "sdft", command_prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of the command; `command_prog` names every sub-command in its usage line (a wrapper script
+    that stands for one sub-command), default `<prog> <command>`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_RAW)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     keys_epilog = "config keys (key = default (type and allowed values)):\n" + keys_text()
 
-    train = commands.add_parser("train", help="train from a config", formatter_class=_RAW, epilog=keys_epilog,
-                                description="Train with SDFT (or the SFT baseline) from a config plus key=value "
+    def add(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, prog=command_prog or f"{prog} {name}", formatter_class=_RAW, **options)
+
+    train = add("train", help="train from a config", epilog=keys_epilog,
+                description="Train with SDFT (or the SFT baseline) from a config plus key=value "
                                             "overrides; writes the run folder output_dir/run_name.")
     train.add_argument("--config", required=True, help="a YAML file or a shipped config name (e.g. quickstart)")
     train.add_argument("--validate", action="store_true", help="check config, data and model offline; no training")
     _overrides(train)
 
-    validate = commands.add_parser("validate", help="check a config, its data, model and benchmarks offline",
-                                   formatter_class=_RAW, epilog=keys_epilog)
+    validate = add("validate", help="check a config, its data, model and benchmarks offline", epilog=keys_epilog)
     validate.add_argument("--config", required=True, help="a YAML file or a shipped config name")
     _overrides(validate)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="evaluate a model or a run's student on the config's benchmarks", formatter_class=_RAW,
+    evaluate = add(
+        "evaluate", help="evaluate a model or a run's student on the config's benchmarks",
         description="Evaluate model.name (--config), or a local run's student at a checkpoint (--run), on "
                     "eval.benchmarks with greedy decoding. Writes predictions/, results.json and results.md to --out "
                     "(default: <run>/eval/<checkpoint>, or <output_dir>/eval/<model name>); key=value overrides "
@@ -76,8 +80,8 @@ def build_parser(prog: str = "sdft") -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="output folder")
     _overrides(evaluate)
 
-    export = commands.add_parser(
-        "export", help="write a run's student as a PEFT adapter or a merged model folder", formatter_class=_RAW,
+    export = add(
+        "export", help="write a run's student as a PEFT adapter or a merged model folder",
         description="Export the student of a run (local or Tinker) with its tokenizer, chat template and a model "
                     "card. adapter: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained "
                     "(LoRA runs); merged: a model folder for AutoModelForCausalLM.from_pretrained.")
@@ -90,15 +94,13 @@ def build_parser(prog: str = "sdft") -> argparse.ArgumentParser:
     from sdft.experiments.cli import EXPERIMENTS
 
     for name, experiment in EXPERIMENTS.items():
-        sub = commands.add_parser(name, help=experiment.doc.split(". ")[0].lower(), description=experiment.doc,
-                                  formatter_class=_RAW)
+        sub = add(name, help=experiment.summary, description=experiment.doc)
         sub.add_argument("--config", default=experiment.default_spec,
                          help=f"experiment spec: a YAML file or a shipped spec name (default: {experiment.default_spec})")
         sub.add_argument("--preset", default=None, help="a preset of the spec (default: its default_preset)")
         sub.add_argument("selection", nargs="*", metavar="key=a,b", help=" ".join(f"{k}=..." for k in experiment.keys))
 
-    config = commands.add_parser("config", help="list the config keys, or show a resolved config",
-                                 formatter_class=_RAW, epilog=keys_epilog)
+    config = add("config", help="list the config keys, or show a resolved config", epilog=keys_epilog)
     config.add_argument("--config", default=None, help="a YAML file or shipped config name: print it resolved")
     config.add_argument("--shipped", action="store_true", help="list the shipped configs")
     _overrides(config)
@@ -200,12 +202,13 @@ class _UsageError(Exception):
 _HANDLERS = {"train": _train, "validate": _validate, "evaluate": _evaluate, "export": _export, "config": _config}
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "sdft", script: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, script: Sequence[str] | None = None) -> int:
     """Run one command (`argv`: the command and its arguments); returns the exit status. `script` is the
-    command line of a wrapper script that stands for `sdft <command>` (e.g. ["python", "scripts/run_ablation.py"]),
-    recorded instead by the experiment commands in their tables."""
+    command line of a wrapper script that stands for `sdft <command>` (e.g. ["python", "scripts/run_ablation.py"]):
+    its usage line names it, and the experiment commands record it in their tables."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
+    prog = "sdft"
+    parser = build_parser(prog, command_prog=script[-1] if script else None)
     args = parser.parse_args(arguments)
     invoked = [*script, *arguments[1:]] if script is not None else [prog, *arguments]
     try:
@@ -213,7 +216,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "sdft", script: Seque
             return _HANDLERS[args.command](args)
         return _experiment(args, invoked)
     except _UsageError as error:
-        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
+        print(f"{script[-1] if script else prog + ' ' + args.command}: error: {error}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

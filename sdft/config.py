@@ -146,7 +146,8 @@ class DataConfig(Section):
     hf_revision: Optional[str] = setting(None, doc="a hub dataset's branch, tag or commit (null: main)")
     user_template: str = setting("{question}", doc="jsonl/hf: the user turn, formatted with the row's fields")
     system_prompt: Optional[str] = setting(
-        None, doc="the system turn of every prompt, student and teacher (replaces a row's own system turn)")
+        None, doc="the system turn of every example's prompts, student and teacher, training and held-out "
+                  "(replaces a row's own); evsys task folders are evaluated as written")
     chat_template_kwargs: dict[str, Any] = setting(
         {}, doc="extra variables for the chat template of every prompt, e.g. {enable_thinking: false}")
     max_prompt_tokens: int = setting(

@@ -14,6 +14,7 @@ class ExperimentCommand:
     default_spec: str
     keys: tuple[str, ...]
     run: Callable[[ExperimentSpec, dict[str, list[str]], str], Path]
+    summary: str
     doc: str
 
 
@@ -61,12 +62,13 @@ def _continual(spec: ExperimentSpec, chosen: dict[str, list[str]], command: str)
 EXPERIMENTS = {
     "ablate": ExperimentCommand(
         default_spec="ablation_tooluse", keys=("methods", "seeds", "results_dir"), run=_ablate,
+        summary="run an ablation grid (methods x seeds) and write its table",
         doc="Run the ablation grid of an experiment spec (methods x seeds), then write its table and bar chart. "
             "Every cell is its own resumable run folder under results/<name>/cells/; rerunning skips finished "
             "cells."),
     "continual": ExperimentCommand(
         default_spec="continual_learning", keys=("methods", "learning_rates", "stages", "seeds", "results_dir"),
-        run=_continual,
+        run=_continual, summary="run the two-stage continual-learning experiment and write its tables",
         doc="Two-stage continual learning: train on task A, then on task B from each stage-1 model; both tasks "
             "are evaluated after every stage; writes the accuracy / change-vs-base / retention tables and a stage "
             "plot. Every cell is its own resumable run folder under results/<name>/cells/."),
