@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1e9
+GOALS_SETTING = "the goals hold for an H100/H200-class GPU at N=8192, H=4096, V=151936 in bf16"
 
 
 @dataclass(frozen=True)

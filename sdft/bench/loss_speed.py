@@ -2,7 +2,8 @@
 
 For each case (N tokens, hidden size H, vocabulary V, bf16) and each path: forward+backward median time
 (CUDA events, after warm-up, cycling through `rotate` sets of hidden states), peak extra memory
-(torch.cuda.max_memory_allocated during one step minus what was allocated before it: the inputs), the loss
+(torch.cuda.max_memory_allocated during one step minus what was allocated before it: the inputs; the
+gradients the step returns count as extra), the loss
 value of that step, and the fraction of the matmul floor, where the floor is (number of 2NHV GEMMs the loss
 needs) x (time of one [N,H] x [H,V] bf16 matmul measured in the same run):
   full-vocabulary KL/JSD: 3 GEMMs (student logits, teacher logits, dL/dh), 4 with the weight gradient;
@@ -192,10 +193,12 @@ def teacher_topk_steps(sets, wt, impls, k: int, device: torch.device) -> dict:
 
 
 def run_rows(case: str, spec: LossSpec, steps: dict, n_sets: int, mm_ms: float, device: torch.device, *,
-             warmup: int, iters: int, budget: Budget | None = None, log: Callable[[str], None] = print) -> list:
-    """Measure every path of `steps`: rows {case, loss, mode, impl, ms, extra_gib, floor_fraction, value,
-    note}; a path that fails (out of memory, an error) or does not fit the budget keeps ms None and says why
-    in its note ("failed: ..." for errors)."""
+             warmup: int, iters: int, clear: Callable[[], None] | None = None, budget: Budget | None = None,
+             log: Callable[[str], None] = print) -> list:
+    """Measure every path of `steps` (`clear` drops the gradients of earlier calls before the memory
+    baseline): rows {case, loss, mode, impl, ms, extra_gib, floor_fraction, value, note}; a path that fails
+    (out of memory, an error) or does not fit the budget keeps ms None and says why in its note ("failed:
+    ..." for errors)."""
     rows = []
     for impl, (step, note) in steps.items():
         row = {"case": case, "loss": spec.label, "mode": spec.mode, "impl": impl, "ms": None, "extra_gib": None,
@@ -205,7 +208,7 @@ def run_rows(case: str, spec: LossSpec, steps: dict, n_sets: int, mm_ms: float, 
         elif step is not None:
             start = time.perf_counter()
             try:
-                row.update(time_calls(step, n_sets, device, warmup, iters))
+                row.update(time_calls(step, n_sets, device, warmup, iters, clear))
                 row["floor_fraction"] = spec.gemms * mm_ms / row["ms"]
             except Exception as error:  # noqa: BLE001 - one failing path must not stop the others
                 row["note"] = ("out of memory" if is_out_of_memory(error)
@@ -229,6 +232,11 @@ def run_case(name: str, n: int, h: int, v: int, specs: list[LossSpec], impls, *,
     log(f"| {name} | matmul [{n},{h}]x[{h},{v}] | - | torch | {mm:.2f} | - | {matmul['tflops']:.0f} TFLOP/s | "
         "the floor's unit |")
     rows, targets = [], None
+
+    def clear():
+        ws.grad = None
+        for hs, _ in sets:
+            hs.grad = None
     for spec in specs:
         if spec.family == "kl":
             steps = kl_steps(sets, ws, wt, impls, spec, device)
@@ -239,8 +247,8 @@ def run_case(name: str, n: int, h: int, v: int, specs: list[LossSpec], impls, *,
                 with torch.no_grad():
                     targets = [L.fused_linear_topk(ht, wt, topk, impl="chunked") for _, ht in sets]
             steps = topk_steps(sets, ws, targets, impls, spec, device)
-        rows += run_rows(name, spec, steps, len(sets), mm, device, warmup=warmup, iters=iters, budget=budget,
-                         log=log)
+        rows += run_rows(name, spec, steps, len(sets), mm, device, warmup=warmup, iters=iters, clear=clear,
+                         budget=budget, log=log)
     del ws, wt, sets, targets
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -24,16 +24,21 @@ def scalar_value(out) -> float | None:
     return None
 
 
-def time_calls(step: Callable[[int], object], n_sets: int, device: torch.device, warmup: int, iters: int) -> dict:
+def time_calls(step: Callable[[int], object], n_sets: int, device: torch.device, warmup: int, iters: int,
+               clear: Callable[[], None] | None = None) -> dict:
     """Median time of `step(i)` over `iters` calls, i cycling through the `n_sets` input sets, after
     `warmup` calls; also the peak extra device memory of one call and the value it returned.
 
     Returns {"ms": median milliseconds, "extra_gib": (torch.cuda.max_memory_allocated during step(0)
     minus what was allocated before it) / 2**30 on a GPU, None on a CPU, "value": float of step(0)'s
-    scalar output or None}. On a GPU each call is timed by CUDA events around it.
+    scalar output or None}. `clear` (e.g. dropping the gradients earlier calls left) runs before the
+    memory baseline is read, so that what step(0) allocates, its outputs included, counts as extra. On a
+    GPU each call is timed by CUDA events around it.
     """
     for i in range(warmup):
         step(i % n_sets)
+    if clear is not None:
+        clear()
     synchronize(device)
     extra_gib = None
     if device.type == "cuda":

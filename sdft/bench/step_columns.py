@@ -135,7 +135,7 @@ class MemoryProbe:
         if self.device.type == "cuda":
             return {"resident_gib": self.resident / 2**30,
                     "peak_gib": max(self.step_peaks) if self.step_peaks else float("nan")}
-        return {"loaded_rss_mib": self.loaded_rss / 2**20, "peak_rise_mib": (peak_rss_bytes() - self.loaded_rss) / 2**20,
+        return {"loaded_rss_mib": self.loaded_rss / 2**20, "peak_rise_mib": max(0, peak_rss_bytes() - self.loaded_rss) / 2**20,
                 "peak_reset": self.peak_reset}
 
 
