@@ -45,8 +45,8 @@ def parse_args(argv=None):
                                                        "the Triton path needs TRITON_INTERPRET=1)")
     p.add_argument("--parts", default=",".join(gpu_check.PARTS), help=f"comma list from {', '.join(gpu_check.PARTS)}")
     p.add_argument("--budgets", type=_budgets, default={},
-                   help="seconds per part, e.g. accuracy=140,losses=160,steps=150 (the defaults)")
-    p.add_argument("--total-budget", type=float, default=None, help="seconds for the whole run (default 480)")
+                   help="seconds per part, e.g. accuracy=130,losses=150,steps=150 (the defaults)")
+    p.add_argument("--total-budget", type=float, default=None, help="seconds for the whole run (default 450)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = sorted(set(args.parts) - set(gpu_check.PARTS))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import time
 
 import torch
@@ -74,16 +75,16 @@ def bench_examples(settings: StepSettings):
 
 
 class StepBackend:
-    """A backend as a step benchmark sees it: every call is forwarded, the device is synchronized after it
-    (so that the loop's host-clock phase times include the device work queued in the phase), and the
-    rollouts of the last `sample` call are kept."""
+    """A backend as a step benchmark sees it: attributes are forwarded; after every method call the device
+    is synchronized (so that the loop's host-clock phase times include the device work queued in the phase),
+    and the rollouts of the last `sample` call are kept."""
 
     def __init__(self, backend, device: torch.device):
         self.backend, self.device, self.rollouts = backend, device, []
 
     def __getattr__(self, name):
         attribute = getattr(self.backend, name)
-        if not callable(attribute):
+        if not inspect.ismethod(attribute):
             return attribute
 
         def call(*args, **kwargs):
