@@ -21,6 +21,7 @@ Triton path under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import platform
 import tempfile
@@ -171,6 +172,10 @@ def steps_part(plan: CheckPlan, budget: Budget, log) -> tuple[dict, list[str]]:
                                       "traceback": traceback.format_exc()}
                 failures.append(f"steps: {mode}: {type(error).__name__}: {error}")
                 log(f"{mode}: {out['modes'][mode]['note']}")
+                del error
+                gc.collect()  # the failed column's model and optimizer, held by the traceback until now
+                if plan.device == "cuda":
+                    torch.cuda.empty_cache()
             else:
                 result["seconds"] = time.perf_counter() - start
                 out["modes"][mode] = result
