@@ -172,10 +172,6 @@ def steps_part(plan: CheckPlan, budget: Budget, log) -> tuple[dict, list[str]]:
                                       "traceback": traceback.format_exc()}
                 failures.append(f"steps: {mode}: {type(error).__name__}: {error}")
                 log(f"{mode}: {out['modes'][mode]['note']}")
-                del error
-                gc.collect()  # the failed column's model and optimizer, held by the traceback until now
-                if plan.device == "cuda":
-                    torch.cuda.empty_cache()
             else:
                 result["seconds"] = time.perf_counter() - start
                 out["modes"][mode] = result
@@ -184,6 +180,9 @@ def steps_part(plan: CheckPlan, budget: Budget, log) -> tuple[dict, list[str]]:
                     + ", ".join(f"{r:.2f}x" for r in result["round_ratios"]) + ")")
                 if not result["equal_tokens"]:
                     failures.append(f"steps: {mode}: the SFT steps did not train on the SDFT steps' token counts")
+            gc.collect()  # a failed column's model and optimizer were held by its traceback until here
+            if plan.device == "cuda":
+                torch.cuda.empty_cache()
             budget.record("mode", time.perf_counter() - start)
     return out, failures
 
