@@ -26,7 +26,7 @@ def _argv(model_dir, *extra):
     return ["--model", model_dir, "--prompts", "2", "--new-tokens", "4", "--repeats", "1", *extra]
 
 
-def _check_table(bench_step, out, columns):
+def _check_table(out, columns):
     lines = out["table"].splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == [""] + [COLUMN_TITLES[c] for c in columns]
@@ -42,7 +42,7 @@ def _check_table(bench_step, out, columns):
 
 def test_in_process_without_trl(bench_step, tiny_model_dir, capsys):
     out = bench_step.main(_argv(tiny_model_dir, "--in-process", "--skip-trl"))
-    _check_table(bench_step, out, ["sdft", "sft", "sft_len"])
+    _check_table(out, ["sdft", "sft", "sft_len"])
     sdft = out["summaries"]["sdft"]
     assert sdft["sample_s"] > 0 and sdft["teacher_s"] > 0 and sdft["optimizer_s"] > 0
     assert sdft["completion_tokens"] <= 2 * 4
@@ -71,7 +71,7 @@ def test_trl_column(bench_step, tiny_model_dir):
     pytest.importorskip("trl.experimental.sdft")
     out = bench_step.main(_argv(tiny_model_dir, "--in-process", "--columns", "sdft,trl"))
     assert not out["notes"], out["notes"]
-    _check_table(bench_step, out, ["sdft", "trl"])
+    _check_table(out, ["sdft", "trl"])
     assert out["summaries"]["trl"]["sample_s"] > 0
     assert out["ratios"]["trl/sdft"] > 0
 
@@ -79,12 +79,12 @@ def test_trl_column(bench_step, tiny_model_dir):
 def test_worker_subprocess(bench_step, tiny_model_dir, tmp_path):
     json_path = tmp_path / "bench.json"
     out = bench_step.main(_argv(tiny_model_dir, "--columns", "sft", "--threads", "1", "--json", str(json_path)))
-    _check_table(bench_step, out, ["sft"])
+    _check_table(out, ["sft"])
     assert out["memory"]["sft"]["loaded_rss_mib"] > 0
     assert json.loads(json_path.read_text())["table"] == out["table"]
 
 
-def test_trl_teacher_template_matches_sdft(bench_step):
+def test_trl_teacher_template_matches_sdft():
     from sdft.prompts import render_teacher_content
 
     template = trl_teacher_template("official")

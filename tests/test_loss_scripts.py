@@ -1,5 +1,5 @@
-"""Smoke tests of the loss benchmark and accuracy scripts at tiny shapes on the CPU (Triton under the
-interpreter), so that the GPU commands in docs/benchmarks.md keep working."""
+"""Smoke tests of the loss benchmark and accuracy scripts (their code: sdft.bench) at tiny shapes on the CPU
+(Triton under the interpreter), so that the GPU commands in docs/benchmarks.md keep working."""
 import importlib.util
 import json
 import os
