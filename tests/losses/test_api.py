@@ -18,6 +18,10 @@ EXPECTED_SIGNATURES = {
     "sampled_token_loss": "(student_logprobs: 'torch.Tensor', teacher_logprobs: 'torch.Tensor', "
                           "sampler_logprobs: 'torch.Tensor', *, clip: 'float | None' = None, mask=None, weights=None, "
                           "reduction: 'str' = 'token_mean', seq_ids=None) -> 'torch.Tensor'",
+    "topk_loss_from_logprobs": "(student_logprobs: 'torch.Tensor', topk_ids: 'torch.Tensor', "
+                               "topk_logprobs: 'torch.Tensor', *, vocab_size: 'int', normalize: 'str' = 'renormalize', "
+                               "kind: 'str' = 'cross_entropy', mask=None, weights=None, reduction: 'str' = 'token_mean', "
+                               "seq_ids=None) -> 'torch.Tensor'",
     "fused_linear_kl": "(student_hidden: 'torch.Tensor', student_weight: 'torch.Tensor', teacher_hidden: 'torch.Tensor', "
                        "teacher_weight: 'torch.Tensor', *, kind: 'str' = 'forward', beta: 'float' = 0.5, "
                        "temperature: 'float' = 1.0, mask=None, weights=None, reduction: 'str' = 'token_mean', "
@@ -79,7 +83,22 @@ def _t(*shape, dtype=torch.float32):
     (lambda: L.fused_linear_topk_distill_loss(_t(4, 3), _t(7, 3), torch.zeros(4, 2, dtype=torch.long), _t(4, 2),
                                               normalize="softmax"), "normalize='softmax'.*'renormalize', 'tail'"),
     (lambda: L.fused_linear_topk_distill_loss(_t(4, 3), _t(7, 3), torch.zeros(4, 2, dtype=torch.long), _t(4, 2),
-                                              kind="reverse_kl"), "kind='reverse_kl'.*'cross_entropy', 'forward_kl'"),
+                                              kind="reverse"), "kind='reverse'.*'cross_entropy', 'forward_kl', 'reverse_kl'"),
+    (lambda: L.fused_linear_topk_distill_loss(_t(4, 3), _t(7, 3), torch.zeros(4, 2, dtype=torch.long), _t(4, 2),
+                                              normalize="tail", kind="reverse_kl"),
+     "kind='reverse_kl' needs normalize='renormalize'.*normalize='tail'"),
+    (lambda: L.topk_distill_loss(_t(4, 7), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), normalize="tail",
+                                 kind="reverse_kl"), "kind='reverse_kl' needs normalize='renormalize'"),
+    (lambda: L.topk_loss_from_logprobs(_t(4, 3), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), vocab_size=9),
+     "student_logprobs \\(4, 3\\) must have the shape of topk_ids \\(4, 2\\)"),
+    (lambda: L.topk_loss_from_logprobs(_t(4, 2), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), vocab_size=0),
+     "vocab_size=0 must be an int >= 1"),
+    (lambda: L.topk_loss_from_logprobs(_t(4, 2), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), vocab_size=9,
+                                       kind="reverse_kl", normalize="tail"), "needs normalize='renormalize'"),
+    (lambda: L.topk_loss_from_logprobs(_t(4, 2), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), vocab_size=9,
+                                       reduction="seq_mean"), "needs seq_ids"),
+    (lambda: L.topk_loss_from_logprobs(_t(4, 2), torch.zeros(4, 2, dtype=torch.long), _t(4, 2), vocab_size=9,
+                                       mask=torch.ones(4)), "mask must be a bool"),
     (lambda: L.fused_linear_topk_distill_loss(_t(4, 3), _t(7, 3), torch.zeros(4, 2, dtype=torch.long), _t(4, 3)),
      "same shape"),
     (lambda: L.fused_linear_topk_distill_loss(_t(4, 3), _t(7, 3), torch.zeros(4, 2), _t(4, 2)), "integer tensor"),
