@@ -332,9 +332,7 @@ class LogitsAtIds(torch.autograd.Function):
     Forward and backward gather W[ids] for `chunk_size` rows at a time ([chunk, K, H]); nothing of size
     [N, V] is built and nothing of size [N, K, H] is kept for the backward. Backward, with g = dL/dz / T:
     dh_n = sum_k g_nk W[id_nk], dW[id_nk] += g_nk h_n, db[id_nk] += g_nk (accumulated in float32, or
-    float64 for float64 inputs). Like the dense product h W^T of the reference path, a non-finite entry
-    h[n, j] of a computed row makes column j of the weight gradient NaN (0 * inf = nan there), so that a
-    broken token shows in the whole weight gradient on every path.
+    float64 for float64 inputs). A NaN in a computed row reaches the weight gradient in the rows of its ids.
     """
 
     @staticmethod
@@ -365,7 +363,6 @@ class LogitsAtIds(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b and ctx.has_bias else None
-        broken = torch.zeros(hidden.shape[1], dtype=torch.bool, device=hidden.device)  # [H]
         for start in range(0, rows.numel(), ctx.chunk_size):
             r = rows[start:start + ctx.chunk_size]
             chunk_ids = ids.index_select(0, r)
@@ -377,12 +374,9 @@ class LogitsAtIds(torch.autograd.Function):
             if grad_w is not None:
                 h = hidden.index_select(0, r).to(dtype)
                 grad_w.index_add_(0, flat_ids, (g.unsqueeze(2) * h.unsqueeze(1)).reshape(-1, h.shape[1]))
-                broken |= ~torch.isfinite(h).all(dim=0)
             if grad_b is not None:
                 grad_b.index_add_(0, flat_ids, g.reshape(-1))
         out_h = None if grad_h is None else grad_h.to(hidden.dtype)
-        if grad_w is not None:
-            grad_w.masked_fill_(broken[None, :], math.nan)
         out_w = None if grad_w is None else grad_w.to(weight.dtype)
         out_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
         return out_h, out_w, out_b, None, None, None, None

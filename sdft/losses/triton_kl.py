@@ -98,8 +98,9 @@ def _log_mixture(log_ps, log_pt, log_1mb, log_b):
     """log m = logaddexp(log p_s + log(1 - beta), log p_t + log beta)."""
     u = log_ps + log_1mb
     w = log_pt + log_b
-    hi = tl.maximum(u, w)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(u, w) - hi))
+    # a NaN must reach log m (the default max / min would drop it and hide a NaN teacher from the gradient)
+    hi = tl.maximum(u, w, propagate_nan=tl.PropagateNan.ALL)
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(u, w, propagate_nan=tl.PropagateNan.ALL) - hi))
 
 
 @triton.jit
