@@ -125,7 +125,7 @@ class TopKKernel:
         ids, valid = self.ids.index_select(0, rows), self.valid.index_select(0, rows)
         q, q_tail = self.q.index_select(0, rows).to(z.dtype), self.q_tail.index_select(0, rows).to(z.dtype)
         lse = torch.logsumexp(z, dim=-1)
-        student_lp = torch.where(valid, z.gather(1, ids) - lse[:, None], torch.zeros_like(q))
+        student_lp = torch.where(valid & (q != 0), z.gather(1, ids) - lse[:, None], torch.zeros_like(q))
         loss = -(q * student_lp).sum(-1)
         if self.tail:
             n = z.shape[0]

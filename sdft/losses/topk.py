@@ -81,9 +81,11 @@ def topk_teacher_weights(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vo
 def bucket_loss(student_lp: torch.Tensor, student_tail_lp, valid: torch.Tensor, q: torch.Tensor,
                 q_tail: torch.Tensor, kind: str) -> torch.Tensor:
     """cross_entropy / forward_kl per token [N] from the student's log-probs at the ids [N, K] and, for the tail
-    bucket, log s_tail [N] (None for "renormalize"). Student values at invalid slots are not read."""
-    lp = torch.where(valid, student_lp, torch.zeros_like(student_lp))
-    q = q.to(lp.dtype)
+    bucket, log s_tail [N] (None for "renormalize"). Student values at invalid slots, and at slots whose teacher
+    weight is 0, are not read (a bucket without teacher mass contributes 0, also where log p_s = -inf)."""
+    q = q.to(student_lp.dtype)
+    read = valid & (q != 0)  # a NaN weight is read, and propagates
+    lp = torch.where(read, student_lp, torch.zeros_like(student_lp))
     per_token = -(q * lp).sum(dim=-1)
     if kind == "forward_kl":
         per_token = per_token + xlogx(q).sum(dim=-1)
@@ -109,8 +111,11 @@ def reverse_kl(student: torch.Tensor, valid: torch.Tensor, teacher_logq: torch.T
     lse = torch.logsumexp(torch.where(any_support, masked, torch.zeros_like(student)), dim=-1, keepdim=True)
     log_p = torch.where(support, student - lse, torch.zeros_like(student))
     p = torch.where(support, log_p.exp(), torch.zeros_like(student))
+    # 0 log 0 = 0 where the student has no mass; the where()s keep -inf out of the gradient there too
+    nonzero = p != 0
+    safe_log_p = torch.where(nonzero, log_p, torch.zeros_like(log_p))
     safe_log_q = torch.where(support, log_q, torch.zeros_like(log_q))
-    return torch.where(p != 0, p * (log_p - safe_log_q), torch.zeros_like(p)).sum(dim=-1)
+    return torch.where(nonzero, p * (safe_log_p - safe_log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
 def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,

@@ -38,11 +38,13 @@ def _renormalized(lps: np.ndarray) -> np.ndarray:
     return q / q.sum()
 
 
-def _reverse_over_support(p_unnormalized: np.ndarray, q: np.ndarray) -> float:
-    """KL(p || q) with p and q renormalized over the slots where q > 0."""
+def _reverse_over_support(student_log: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) with p = softmax of the student's logits (or log-probs) at the slots, and p and q
+    renormalized over the slots where q > 0."""
     keep = q > 0
-    p = p_unnormalized[keep] / p_unnormalized[keep].sum()
-    return _kl(p, q[keep] / q[keep].sum())
+    z = student_log[keep]
+    p = np.exp(z - z.max())
+    return _kl(p / p.sum(), q[keep] / q[keep].sum())
 
 
 def topk_loss(student_logits, ids, logprobs, normalize="renormalize", kind="cross_entropy", temperature=1.0):
@@ -56,7 +58,8 @@ def topk_loss(student_logits, ids, logprobs, normalize="renormalize", kind="cros
         sid = [i for i, _ in slots]
         lps = np.array([lp for _, lp in slots])
         if kind == "reverse_kl":
-            out[n] = _reverse_over_support(ps[n, sid], _renormalized(lps))
+            z = np.asarray(student_logits, np.float64)[n, sid] / temperature
+            out[n] = _reverse_over_support(z, _renormalized(lps))
             continue
         if normalize == "renormalize":
             q = np.exp(lps - lps.max())
@@ -91,7 +94,7 @@ def topk_loss_from_logprobs(student_lp, ids, logprobs, vocab, normalize="renorma
         ls = student_lp[n, keep]
         lps = np.asarray(logprobs[n], np.float64)[keep]
         if kind == "reverse_kl":
-            out[n] = _reverse_over_support(np.exp(ls - ls.max()), _renormalized(lps))
+            out[n] = _reverse_over_support(ls, _renormalized(lps))
             continue
         if normalize == "renormalize":
             q, student, q_tail, s_tail = _renormalized(lps), ls, 0.0, 1.0

@@ -270,3 +270,44 @@ def test_fused_reverse_kl_all_masked_and_no_valid_slot(gen):
             assert torch.all(loss == 0)
             grads = torch.autograd.grad(loss.sum(), (hs, ws, bs))
             assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("normalize,kind", KINDS)
+def test_tokens_without_mass_contribute_zero(gen, impl, normalize, kind):
+    """A student logit of -inf (a token the student cannot emit) at a top-K id, and a teacher log-prob of -inf at
+    that slot: the bucket holds no mass on either side, the loss is the oracle's and every gradient finite."""
+    n, h, v, k = 6, 5, 19, 4
+    hs = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids, teacher = _teacher(gen, n, v - 1, k, invalid=False)
+    ids[:, -1] = v - 1  # a token the student cannot emit, and to which the teacher gives no mass
+    teacher[:, -1] = -float("inf")
+    bias = torch.zeros(v, dtype=torch.float64)
+    bias[v - 1] = -float("inf")
+    loss = L.fused_linear_topk_distill_loss(hs, ws, ids, teacher, normalize=normalize, kind=kind, reduction="none",
+                                            student_bias=bias, impl=impl)
+    expected = oracle.topk_loss(_logits(hs, ws, bias), ids.numpy(), teacher.numpy(), normalize, kind)
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(loss.sum(), (hs, ws))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_reverse_kl_student_without_mass_at_a_teacher_token(gen, impl):
+    """Reverse KL where the student cannot emit one of the teacher's top-K tokens: p log(p / q) = 0 there, the
+    loss is the oracle's and the gradients finite."""
+    n, h, v, k = 6, 5, 19, 4
+    hs = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids, teacher = _teacher(gen, n, v - 1, k, invalid=False)
+    ids[:, -1] = v - 1
+    bias = torch.zeros(v, dtype=torch.float64)
+    bias[v - 1] = -float("inf")
+    loss = L.fused_linear_topk_distill_loss(hs, ws, ids, teacher, kind="reverse_kl", reduction="none",
+                                            student_bias=bias, impl=impl)
+    expected = oracle.topk_loss(_logits(hs, ws, bias), ids.numpy(), teacher.numpy(), "renormalize", "reverse_kl")
+    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(loss.sum(), (hs, ws))
+    assert all(torch.isfinite(g).all() for g in grads)
