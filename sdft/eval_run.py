@@ -35,18 +35,15 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
     """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
     `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints, or a path; default:
     the latest complete checkpoint)."""
-    from sdft.build import build_local_backend
+    from sdft.backends import build_backend, require_local_weights
     from sdft.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-    from sdft.models import load_model_and_tokenizer
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
     config = load_config(config_path, list(overrides))
-    if config.backend.kind != "local":
-        raise ValueError(f"{config_path}: backend.kind={config.backend.kind!r}; only local runs can be rebuilt "
-                         "here (a Tinker run's weights live on the Tinker service)")
+    require_local_weights(config, str(config_path))
     if checkpoint is None:
         path = latest_checkpoint(run_dir)
         if path is None:
@@ -58,10 +55,9 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
             names = [p.name for p in list_checkpoints(run_dir)]
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
                                     f"complete checkpoints: {names or 'none'}")
-    model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
-    backend = build_local_backend(config, model, tokenizer, steps=1, device=device)
+    backend = build_backend(config, steps=1, device=device)
     backend.load_state_tensors(load_checkpoint(path).tensors)
-    return RunStudent(backend=backend, tokenizer=tokenizer, config=config, checkpoint=path)
+    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=path)
 
 
 def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None,
@@ -76,10 +72,12 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     `EvalResult` fields ("name", "split", "n", "correct", "pass_at_1", "ci_low", "ci_high", "per_item" as 0/1)
     and "max_new_tokens"}}.
     """
-    from sdft.backends.local import DTYPES, greedy_generate_fn
+    from sdft.backends import require_local_weights
+    from sdft.backends.local import DTYPES
     from sdft.build import build_benchmarks, load_run_data
     from sdft.evaluation import evaluate_benchmarks
     from sdft.models import load_model_and_tokenizer
+    from sdft.sampling import NativeSampler
 
     if run_dir is not None:
         student = load_run_student(run_dir, checkpoint=checkpoint, overrides=overrides, device=device)
@@ -92,14 +90,12 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
             raise ValueError("give a config (to evaluate its model.name) or a run folder")
         if checkpoint is not None:
             raise ValueError("a checkpoint needs the run folder it belongs to (run_dir)")
-        if config.backend.kind != "local":
-            raise ValueError(f"backend.kind={config.backend.kind!r}: only local models are evaluated here; "
-                             "set backend.kind=local to evaluate model.name on this machine")
+        require_local_weights(config, "evaluating model.name")
         model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
                                                     cache_dir=config.model.cache_dir)
         if device is not None:
             model.to(device)
-        generate = greedy_generate_fn(model, tokenizer, batch_size=config.eval.batch_size)
+        generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy
         described = {"run": None, "checkpoint": None}
     if not config.eval.benchmarks:
         raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")

@@ -2,7 +2,7 @@
 
 Materialized-logit references (the readable definitions, and the test oracle):
     kl_divergence, topk_distill_loss, sampled_token_loss
-Top-K losses from the student's log-probs at the teacher's top-K ids [N, K] (e.g. returned by a service):
+Top-K losses from the student's log-probs at the teacher's top-K ids [N, K] (backends without logits, e.g. Tinker):
     topk_loss_from_logprobs
 Fused-linear versions from hidden states and output-layer weights, never building [N, V] logits:
     fused_linear_kl, fused_linear_topk_distill_loss, fused_linear_topk, fused_linear_token_logprobs

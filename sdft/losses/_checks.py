@@ -95,19 +95,19 @@ def check_linear(prefix: str, hidden, weight, bias) -> tuple[int, int, int]:
     return n, h, v
 
 
-def check_topk_inputs(topk_ids, topk_logprobs, n: int, device) -> int:
+def check_topk_inputs(topk_ids, topk_logprobs, n: int, device, *, logprobs_name: str = "topk_logprobs") -> int:
+    """topk_ids [N, K] integer and the teacher's log-probs [N, K] (argument `logprobs_name`); returns K."""
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be a 2-D tensor [N, K], got {getattr(topk_ids, 'shape', type(topk_ids))}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
-    check_float_tensor("topk_logprobs", topk_logprobs, 2)
+    check_float_tensor(logprobs_name, topk_logprobs, 2)
     if topk_ids.shape != topk_logprobs.shape:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must have the same shape"
-        )
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and {logprobs_name} {tuple(topk_logprobs.shape)} must "
+                         "have the same shape")
     if topk_ids.shape[0] != n:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but the student has {n} tokens")
-    check_same_device(student=torch.empty(0, device=device), topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    check_same_device(**{"student": torch.empty(0, device=device), "topk_ids": topk_ids, logprobs_name: topk_logprobs})
     return topk_ids.shape[1]
 
 

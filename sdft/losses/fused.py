@@ -20,7 +20,7 @@ from ._checks import (
     IMPLS, KL_KINDS, check_beta, check_chunk_size, check_choice, check_linear, check_temperature,
     check_token_vector, check_topk_inputs, check_topk_kind, compute_dtype,
 )
-from ._reduction import token_scale, zero_inactive_rows
+from ._reduction import reduce_per_token, token_scale, zero_inactive_rows
 
 TRITON_ALTERNATIVES = "impl='chunked' (any device) or impl='auto' (Triton on CUDA when installed, else chunked)"
 
@@ -71,20 +71,31 @@ def _coefficients(hidden, weight, *, mask, weights, reduction, seq_ids, active=N
                        seq_ids=seq_ids, dtype=dtype, active=active)
 
 
-def _finish(out: torch.Tensor, reduction: str) -> torch.Tensor:
-    return out if reduction == "none" else out.reshape(())
+def _finish(out: torch.Tensor, per_token: torch.Tensor, reduction: str, return_per_token: bool):
+    out = out if reduction == "none" else out.reshape(())
+    return (out, per_token) if return_per_token else out
+
+
+def _reduced(per_token: torch.Tensor, *, mask, weights, reduction, seq_ids, return_per_token: bool, active=None):
+    """Paths with differentiable per-token losses [N]: reduce them (optionally returned, detached, beside)."""
+    out = reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                           active=active)
+    return (out, per_token.detach()) if return_per_token else out
 
 
 def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                     teacher_weight: torch.Tensor, *, kind: str = "forward", beta: float = 0.5,
                     temperature: float = 1.0, mask=None, weights=None, reduction: str = "token_mean", seq_ids=None,
-                    student_bias=None, teacher_bias=None, chunk_size=None, impl: str = "auto") -> torch.Tensor:
+                    student_bias=None, teacher_bias=None, chunk_size=None, impl: str = "auto",
+                    return_per_token: bool = False):
     """Full-vocabulary divergence between student logits h_s W_s^T (+ b_s) and teacher logits h_t W_t^T (+ b_t).
 
     Shapes: student_hidden [N, H], student_weight [V, H], teacher_hidden [N, Ht], teacher_weight [V, Ht]
     (H and Ht may differ; V must match). Divergences as in `reference.per_token_divergence`; reductions
     as in `sdft.losses._reduction`. Gradients reach student_hidden, student_weight and student_bias (when
-    they require grad), never the teacher inputs.
+    they require grad), never the teacher inputs. `return_per_token=True` returns (loss, L) with L [N] the
+    detached per-token divergences before weights (0 on masked rows): the metric of the same pass, at no
+    extra cost.
     """
     n, _, v = check_linear("student", student_hidden, student_weight, student_bias)
     nt, _, vt = check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -101,20 +112,21 @@ def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     check_token_vector("mask", mask, n, student_hidden.device, boolean=True)
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "reference":
-        return reference.kl_divergence(
+        per_token = reference.kl_divergence(
             _materialized_logits(student_hidden, student_weight, student_bias, mask),
             _materialized_logits(teacher_hidden.detach(), teacher_weight.detach(),
                                  None if teacher_bias is None else teacher_bias.detach(), mask),
-            kind=kind, beta=beta, temperature=temperature, mask=mask, weights=weights, reduction=reduction,
-            seq_ids=seq_ids,
-        )
+            kind=kind, beta=beta, temperature=temperature, mask=mask, reduction="none")
+        return _reduced(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                        return_per_token=return_per_token)
     coeff = _coefficients(student_hidden, student_weight, mask=mask, weights=weights, reduction=reduction,
                           seq_ids=seq_ids)
     if impl == "triton":
         from .triton_dispatch import triton_kl
-        return triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                         teacher_bias, coeff, mask, reduction=reduction, kind=kind, beta=beta,
-                         temperature=temperature)
+        out, per_token = triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                   teacher_bias, coeff, mask, reduction=reduction, kind=kind, beta=beta,
+                                   temperature=temperature)
+        return _finish(out, per_token, reduction, return_per_token)
     dtype = compute_dtype(student_hidden, student_weight)
     teacher_w = chunked._upcast(teacher_weight, dtype)
     teacher_b = chunked._scaled_bias(teacher_bias, dtype, temperature)
@@ -128,8 +140,8 @@ def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
         ),
         temperature=temperature, chunk_size=_chunk_rows(chunk_size, v), reduce=reduction != "none", active=mask,
     )
-    out, _ = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
-    return _finish(out, reduction)
+    out, per_token = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
+    return _finish(out, per_token, reduction, return_per_token)
 
 
 def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias=None, temperature: float = 1.0,
@@ -155,7 +167,8 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
                                    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
                                    normalize: str = "renormalize", kind: str = "cross_entropy",
                                    temperature: float = 1.0, mask=None, weights=None, reduction: str = "token_mean",
-                                   seq_ids=None, student_bias=None, chunk_size=None, impl: str = "auto") -> torch.Tensor:
+                                   seq_ids=None, student_bias=None, chunk_size=None, impl: str = "auto",
+                                   return_per_token: bool = False):
     """Top-K distillation (see `reference.topk_distill_loss` and `sdft.losses.topk`) from student hidden states
     [N, H] and the output layer [V, H] (+ bias [V]); gradients reach student_hidden, student_weight and
     student_bias when they require grad.
@@ -164,6 +177,8 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
     (Triton kernels for impl="triton"). reverse_kl (normalize="renormalize" only): only the student logits at
     the K ids are needed, z_k = (h . W[id_k] + b[id_k]) / T; every impl except "reference" gathers the K rows
     of W per token, chunk_size tokens at a time ([chunk, K, H], never [N, V]), and needs no Triton kernel.
+    `return_per_token=True` returns (loss, per-token losses [N] detached, 0 on masked rows and on rows without
+    a valid slot), as `fused_linear_kl`.
     """
     n, h_size, v = check_linear("student", student_hidden, student_weight, student_bias)
     k = check_topk_inputs(topk_ids, topk_logprobs, n, student_hidden.device)
@@ -172,12 +187,13 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
     check_token_vector("mask", mask, n, student_hidden.device, boolean=True)
     impl = resolve_impl(impl, student_hidden.device)
     active = topk.active_rows(topk_ids, v, mask)
+    reduced = dict(mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                   return_per_token=return_per_token, active=active)
     if impl == "reference":
-        return reference.topk_distill_loss(
+        per_token = reference.topk_distill_loss(
             _materialized_logits(student_hidden, student_weight, student_bias, active), topk_ids, topk_logprobs,
-            normalize=normalize, kind=kind, temperature=temperature, mask=mask, weights=weights,
-            reduction=reduction, seq_ids=seq_ids,
-        )
+            normalize=normalize, kind=kind, temperature=temperature, mask=mask, reduction="none")
+        return _reduced(per_token, **reduced)
     valid = topk.valid_slots(topk_ids, v)
     safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     if kind == "reverse_kl":
@@ -185,24 +201,26 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
         rows = torch.nonzero(active).view(-1)
         z = chunked.logits_at_ids(student_hidden, student_weight, student_bias, safe_ids, rows, temperature,
                                   chunk_size or chunked.auto_gather_rows(k, h_size))
-        return topk.topk_loss_from_logprobs(z, topk_ids, topk_logprobs, vocab_size=v, normalize=normalize,
-                                            kind=kind, mask=mask, weights=weights, reduction=reduction,
-                                            seq_ids=seq_ids)
+        per_token = topk.topk_per_token(z, topk_ids, topk_logprobs, vocab_size=v, normalize=normalize, kind=kind,
+                                        active=active)
+        return _reduced(per_token, **reduced)
     coeff = _coefficients(student_hidden, student_weight, mask=mask, weights=weights, reduction=reduction,
                           seq_ids=seq_ids, active=active)
     teacher = zero_inactive_rows(topk_logprobs.detach(), active)
     if impl == "triton":
         from .triton_dispatch import triton_topk_distill
-        return triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, teacher, coeff, active,
-                                   reduction=reduction, normalize=normalize, kind=kind, temperature=temperature)
+        out, per_token = triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, teacher, coeff,
+                                             active, reduction=reduction, normalize=normalize, kind=kind,
+                                             temperature=temperature)
+        return _finish(out, per_token, reduction, return_per_token)
     _, q, q_tail = topk.topk_teacher_weights(topk_ids, teacher, v, normalize)
     q_logq = topk.xlogx(q).sum(-1) + topk.xlogx(q_tail)
     plan = chunked.ChunkPlan(
         kernel=chunked.TopKKernel(safe_ids, valid, q, q_tail, q_logq, normalize == "tail", kind == "forward_kl"),
         temperature=temperature, chunk_size=_chunk_rows(chunk_size, v), reduce=reduction != "none", active=active,
     )
-    out, _ = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
-    return _finish(out, reduction)
+    out, per_token = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
+    return _finish(out, per_token, reduction, return_per_token)
 
 
 def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, *, bias=None,

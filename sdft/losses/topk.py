@@ -118,32 +118,12 @@ def reverse_kl(student: torch.Tensor, valid: torch.Tensor, teacher_logq: torch.T
     return torch.where(nonzero, p * (safe_log_p - safe_log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
-def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
-                            vocab_size: int, normalize: str = "renormalize", kind: str = "cross_entropy", mask=None,
-                            weights=None, reduction: str = "token_mean", seq_ids=None) -> torch.Tensor:
-    """Top-K distillation loss from the student's log-probs at the teacher's top-K ids.
-
-    student_logprobs [N, K]: log p_s(id_k) normalized over the FULL vocabulary of `vocab_size` tokens (for
-    kind="reverse_kl" a constant may be added to each row, e.g. the student logits at the ids; divide them by
-    the temperature first). topk_ids [N, K] integer, slots with id < 0 or >= vocab_size ignored;
-    topk_logprobs [N, K] the teacher's log-probs (not differentiated). Losses as in the module docstring:
-    "renormalize" | "tail" with cross_entropy | forward_kl, or "renormalize" with reverse_kl. The tail's
-    student mass is formed from the K log-probs, s_tail = -expm1(logsumexp_k ls_k), kept >= eps (the
-    full-logit losses form it exactly from the other logits instead). Gradients flow to student_logprobs;
-    math in float32 (float64 for float64 input). Mask, weights and reduction as in `sdft.losses._reduction`.
-    """
-    check_float_tensor("student_logprobs", student_logprobs, 2)
-    n = student_logprobs.shape[0]
-    check_topk_inputs(topk_ids, topk_logprobs, n, student_logprobs.device)
-    if student_logprobs.shape != topk_ids.shape:
-        raise ValueError(f"student_logprobs {tuple(student_logprobs.shape)} must have the shape of topk_ids "
-                         f"{tuple(topk_ids.shape)} (the student's log-prob at every top-K id)")
-    check_vocab_size(vocab_size)
-    check_topk_kind(kind, normalize)
-    check_token_vector("mask", mask, n, student_logprobs.device, boolean=True)
-    active = active_rows(topk_ids, vocab_size, mask)
-    lp = zero_inactive_rows(student_logprobs, active).to(compute_dtype(student_logprobs))
-    teacher = zero_inactive_rows(topk_logprobs.detach(), active)
+def topk_per_token(student: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor, *,
+                   vocab_size: int, normalize: str, kind: str, active: torch.Tensor) -> torch.Tensor:
+    """Per-token top-K loss [N] from the student's log-probs (or, for reverse_kl, logits) at the ids [N, K];
+    exactly 0, with zero gradient, on rows outside `active` [N] bool. Arguments already checked."""
+    lp = zero_inactive_rows(student, active).to(compute_dtype(student))
+    teacher = zero_inactive_rows(teacher_logprobs.detach(), active)
     valid = valid_slots(topk_ids, vocab_size)
     if kind == "reverse_kl":
         per_token = reverse_kl(lp, valid, renormalized_teacher_logprobs(valid, teacher))
@@ -157,5 +137,36 @@ def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tens
             cap = math.log1p(-torch.finfo(lp.dtype).eps)
             tail_lp = torch.log(-torch.expm1(torch.where(lse > cap, torch.full_like(lse, cap), lse)))
         per_token = bucket_loss(lp, tail_lp, valid, q, q_tail, kind)
+    return torch.where(active, per_token, torch.zeros_like(per_token))
+
+
+def topk_loss_from_logprobs(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                            *, vocab_size: int, normalize: str = "renormalize", kind: str = "cross_entropy",
+                            mask=None, weights=None, reduction: str = "none", seq_ids=None) -> torch.Tensor:
+    """Top-K distillation loss from the student's log-probs at the teacher's top-K ids (backends without
+    logits, e.g. Tinker). Per-token output [N] by default (reduction="none").
+
+    student_logprobs [N, K]: log p_s(id_k) normalized over the FULL vocabulary of `vocab_size` tokens (for
+    kind="reverse_kl" a constant may be added to each row, e.g. the student logits at the ids; divide them by
+    the temperature first). topk_ids [N, K] integer, slots with id < 0 or >= vocab_size ignored;
+    teacher_logprobs [N, K] the teacher's log-probs (not differentiated). Losses as in the module docstring:
+    "renormalize" | "tail" with cross_entropy | forward_kl, or "renormalize" with reverse_kl; the values of
+    `topk_distill_loss` on the same student. The tail's student mass is formed from the K log-probs,
+    s_tail = -expm1(logsumexp_k ls_k), kept >= eps (the full-logit losses form it exactly from the other
+    logits instead). Gradients flow to student_logprobs; math in float32 (float64 for float64 input). Mask,
+    weights and reduction as in `sdft.losses._reduction`.
+    """
+    check_float_tensor("student_logprobs", student_logprobs, 2)
+    n = student_logprobs.shape[0]
+    check_topk_inputs(topk_ids, teacher_logprobs, n, student_logprobs.device, logprobs_name="teacher_logprobs")
+    if student_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"student_logprobs {tuple(student_logprobs.shape)} must have the shape of topk_ids "
+                         f"{tuple(topk_ids.shape)} (the student's log-prob at every top-K id)")
+    check_vocab_size(vocab_size)
+    check_topk_kind(kind, normalize)
+    check_token_vector("mask", mask, n, student_logprobs.device, boolean=True)
+    active = active_rows(topk_ids, vocab_size, mask)
+    per_token = topk_per_token(student_logprobs, topk_ids, teacher_logprobs, vocab_size=vocab_size,
+                               normalize=normalize, kind=kind, active=active)
     return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
                             active=active)

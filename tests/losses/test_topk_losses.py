@@ -129,7 +129,8 @@ def test_from_logprobs_extreme_values(gen):
         assert torch.isfinite(got).all() and np.isfinite(expected).all()
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-9)
         x = student.float().clone().requires_grad_()
-        got32 = L.topk_loss_from_logprobs(x, ids, teacher.float(), vocab_size=v, normalize=normalize, kind=kind)
+        got32 = L.topk_loss_from_logprobs(x, ids, teacher.float(), vocab_size=v, normalize=normalize, kind=kind,
+                                          reduction="token_mean")
         (g,) = torch.autograd.grad(got32, x)
         assert torch.isfinite(got32) and torch.isfinite(g).all()
         # float32: the forward KL is a small difference of O(1e-3) terms, so the error is absolute
@@ -143,10 +144,12 @@ def test_from_logprobs_bf16(gen, normalize, kind):
     ids, teacher = _teacher(gen, n, v, k)
     student = _student_logprobs_at(torch.randn(n, v, generator=gen, dtype=torch.float64) * 2, ids)
     s16, t16 = student.bfloat16().requires_grad_(), teacher.bfloat16()
-    got = L.topk_loss_from_logprobs(s16, ids, t16, vocab_size=v, normalize=normalize, kind=kind)
+    got = L.topk_loss_from_logprobs(s16, ids, t16, vocab_size=v, normalize=normalize, kind=kind,
+                                    reduction="token_mean")
     assert got.dtype == torch.float32
     s64 = s16.detach().double().requires_grad_()
-    truth = L.topk_loss_from_logprobs(s64, ids, t16.double(), vocab_size=v, normalize=normalize, kind=kind)
+    truth = L.topk_loss_from_logprobs(s64, ids, t16.double(), vocab_size=v, normalize=normalize, kind=kind,
+                                      reduction="token_mean")
     expected = oracle.reduce(oracle.topk_loss_from_logprobs(s64.detach().numpy(), ids.numpy(), t16.double().numpy(),
                                                             v, normalize, kind))
     np.testing.assert_allclose(truth.item(), expected, rtol=1e-10)
