@@ -92,3 +92,30 @@ def test_a_deepspeed_launcher_config_is_a_clear_error(tmp_path, tiny_model_dir):
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "DeepSpeed, which sdft does not support" in proc.stderr and "configs/accelerate/fsdp2.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("mode, teacher", [("full", "ema"), ("lora", "static")])
+def test_fsdp2_shards_are_real_and_a_shared_evaluation_equals_one_process(tmp_path, mode, teacher):
+    """Each process holds about half of the student's (and a full-fine-tuning teacher's) parameters; greedy
+    completions decoded with the prompts shared out over the processes equal those of one process."""
+    from sdft.backends.local import LocalBackend
+    from sdft.config import StudentConfig, TeacherConfig
+    from tests.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), str(REPO / "tests" / "distributed_probe.py"), mode, teacher]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for share in report["shares"]:
+        assert 0.4 * share["student_total"] <= share["student"] <= 0.6 * share["student_total"]
+        if mode == "full":
+            assert share["teacher_total"] == share["student_total"]
+            assert 0.4 * share["teacher_total"] <= share["teacher"] <= 0.6 * share["teacher_total"]
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    backend = LocalBackend(model, tokenizer, student=StudentConfig(mode=mode, lora_rank=4),
+                           teacher=TeacherConfig(mode=teacher))
+    prompts = [tokenizer.encode(f"Question {k}: " + "word " * k) for k in range(7)]
+    assert report["completions"] == backend.generate_greedy(prompts, 6, batch_size=2)

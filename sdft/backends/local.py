@@ -56,9 +56,9 @@ class LocalBackend:
         self.optim_settings = optim
         self.parallel = parallel
         self.forward_batch_size = forward_batch_size
-        dtype = DTYPES[model_settings.dtype]
-        sharded_masters = parallel.sharded and dtype in LOW_PRECISION and optim.master_weights
-        model.to(dtype=torch.float32 if sharded_masters else dtype)
+        weights_dtype = self.weights_dtype_of(model_settings, optim, parallel)
+        sharded_masters = weights_dtype != DTYPES[model_settings.dtype]  # bf16 compute over fp32 shards
+        model.to(dtype=weights_dtype)
         if device is not None:
             model.to(device)
         self.device = next(model.parameters()).device
@@ -89,6 +89,18 @@ class LocalBackend:
         self.pad_token_id = self.sampler.pad_id
 
     # ----------------------------------------------------------------------------------------- model
+    @staticmethod
+    def weights_dtype_of(model_settings: ModelConfig, optim: OptimConfig, parallel: Parallel) -> torch.dtype:
+        """The dtype the weights are held in: model.dtype, except fp32 under FSDP2 when bf16 compute keeps fp32
+        master weights (the shards are the masters)."""
+        dtype = DTYPES[model_settings.dtype]
+        return torch.float32 if parallel.sharded and dtype in LOW_PRECISION and optim.master_weights else dtype
+
+    @classmethod
+    def weights_dtype(cls, config, parallel: Parallel) -> torch.dtype:
+        """`weights_dtype_of` for a run config: load the model in it directly."""
+        return cls.weights_dtype_of(config.model, config.optim, parallel)
+
     @property
     def module(self) -> nn.Module:
         """The student's root module for computations without gradient sync (a DDP replica's inner module)."""
