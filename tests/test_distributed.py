@@ -5,9 +5,11 @@ half of each batch (the same rollouts, thanks to per-prompt sampling seeds), the
 over the whole batch, and metrics and checkpoints are written once."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,15 +28,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config_file: str | None, args: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+def command_of(config_file: str | None, args: list[str], name: str) -> list[str]:
     train = [str(REPO / "scripts" / "train.py"), "--config", "/dev/null", *args, f"run_name={name}"]
     if config_file is None:
-        command = [sys.executable, *train]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs" / "accelerate" / config_file), "--num_processes", "2",
-                   "--main_process_port", str(free_port()), *train]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / config_file), "--num_processes", "2",
+            "--main_process_port", str(free_port()), *train]
+
+
+def launch(config_file: str | None, args: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command_of(config_file, args, name), capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                          timeout=900)
 
 
 def run_args(tmp_path: Path, model_dir: str, extra: list[str]) -> list[str]:
@@ -119,3 +124,32 @@ def test_fsdp2_shards_are_real_and_a_shared_evaluation_equals_one_process(tmp_pa
                            teacher=TeacherConfig(mode=teacher))
     prompts = [tokenizer.encode(f"Question {k}: " + "word " * k) for k in range(7)]
     assert report["completions"] == backend.generate_greedy(prompts, 6, batch_size=2)
+
+
+def test_kill_9_in_an_fsdp2_run_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    args = run_args(tmp_path, tiny_model_dir, ["student.mode=full", "teacher.mode=ema", "teacher.ema_alpha=0.5",
+                                               "optim.max_steps=4", "checkpoint.every=1"])
+    straight = launch("fsdp2.yaml", args, tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    proc = subprocess.Popen(command_of("fsdp2.yaml", args, "killed"), env=ENV, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "runs" / "killed" / "checkpoints" / "step_00000002" / "state.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never wrote its step-2 checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    resumed = launch("fsdp2.yaml", args + ["resume=true"], tmp_path, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = train_rows(tmp_path, "straight"), train_rows(tmp_path, "killed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key, value in ra["metrics"].items():
+            if not key.endswith(("_time_s", "tokens_per_s")):
+                assert rb["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
+    one = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "straight")).tensors
+    two = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed")).tensors
+    for group in ("student", "teacher"):
+        for name in one[group]:
+            assert torch.equal(two[group][name], one[group][name]), (group, name)
