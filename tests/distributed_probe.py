@@ -16,6 +16,20 @@ def local_numel(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
 
 
+def local_bytes(tensors) -> int:
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_bytes(backend) -> dict:
+    """Bytes this process holds for the student's weights, the teacher copy's weights and AdamW's moments."""
+    optimizer = [v for state in backend.optimizer.state.values() for v in state.values()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0]
+    teacher = list(backend.teacher.module.parameters()) if backend.teacher.module is not None else []
+    return {"student": local_bytes(backend.module.parameters()), "teacher": local_bytes(teacher),
+            "optimizer": local_bytes(optimizer)}
+
+
 def main(mode: str, teacher_mode: str) -> None:
     parallel = setup_parallel()
     tokenizer = build_tiny_tokenizer()
@@ -30,8 +44,10 @@ def main(mode: str, teacher_mode: str) -> None:
                               "teacher_total": sum(p.numel() for p in teacher)})
     prompts = [tokenizer.encode(f"Question {k}: " + "word " * k) for k in range(7)]
     shared = parallel.share_generate(lambda p, n: backend.generate_greedy(p, n, batch_size=2))(prompts, 6)
+    backend.sft_step(prompts[:2], [[5, 6, 7], [8, 9]])  # AdamW holds its moments after a step
+    memory = parallel.gather(state_bytes(backend))
     if parallel.is_main:
-        print(json.dumps({"shares": shares, "completions": shared}))
+        print(json.dumps({"shares": shares, "completions": shared, "memory": memory}))
 
 
 if __name__ == "__main__":
