@@ -111,14 +111,15 @@ def build_parser(prog: str = "sdft", command_prog: str | None = None) -> argpars
 
 def _train(args) -> int:
     from sdft.config import load_config
-    from sdft.runner import detect_distributed, train_from_config
+    from sdft.parallel import setup_parallel
+    from sdft.runner import train_from_config
 
     config = load_config(args.config, args.overrides)
     if args.validate:
         return _print_validation(config)
-    dist = detect_distributed()
-    result = train_from_config(config, dist=dist)
-    if dist.is_main:
+    parallel = setup_parallel()
+    result = train_from_config(config, parallel=parallel)
+    if parallel.is_main:
         print(f"run folder: {result.run_dir} (summary.md, metrics.jsonl, predictions/, learning_curves.png)")
         for name, after in result.scores_after.items():
             before = result.scores_before.get(name)
@@ -144,11 +145,11 @@ def _validate(args) -> int:
 def _evaluate(args) -> int:
     from sdft.config import load_config
     from sdft.eval_run import evaluate_model
-    from sdft.runner import detect_distributed
+    from sdft.parallel import setup_parallel
 
     if args.checkpoint is not None and args.run is None:
         raise _UsageError("--checkpoint needs --run")
-    device = detect_distributed().device
+    device = setup_parallel().device
     if args.run is not None:
         report = evaluate_model(None, run_dir=args.run, checkpoint=args.checkpoint, overrides=args.overrides,
                                 out_dir=args.out, device=device, progress=True)
