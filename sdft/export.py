@@ -135,9 +135,9 @@ def _export_tinker(run_dir: Path, config, checkpoint: Path, format: str, out: Pa
         _merge_adapter(config, adapter_dir, out)
         shutil.rmtree(adapter_dir)
     if tokenizer is None:
-        from sdft.models import load_tokenizer
+        from sdft.models import configured_tokenizer
 
-        tokenizer = load_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+        tokenizer = configured_tokenizer(config.model)
     tokenizer.save_pretrained(str(out))
     return base
 
@@ -153,12 +153,10 @@ def _tinker_service(run_dir: Path, config):
 
         require_api_key()
         return tinker.ServiceClient(), None
-    from sdft.backends.local import DTYPES
     from sdft.backends.tinker_offline import OfflineServiceClient
-    from sdft.models import load_model_and_tokenizer
+    from sdft.models import load_configured
 
-    model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
-                                                cache_dir=config.model.cache_dir)
+    model, tokenizer = load_configured(config.model)
     service = OfflineServiceClient(model, tokenizer, base_model=config.backend.tinker_base_model,
                                    root=run_dir / "tinker_offline", lora_alpha=config.student.lora_alpha,
                                    lora_dropout=config.student.lora_dropout, seed=config.seed)
@@ -214,11 +212,9 @@ def _merge_adapter(config, adapter_dir: Path, out: Path) -> None:
     import torch
     from peft import PeftConfig, PeftModel
 
-    from sdft.backends.local import DTYPES
-    from sdft.models import load_model_and_tokenizer
+    from sdft.models import load_configured
 
-    model, _ = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
-                                        cache_dir=config.model.cache_dir)
+    model, _ = load_configured(config.model)
     targets = set(PeftConfig.from_pretrained(str(adapter_dir)).target_modules or [])
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
