@@ -1,7 +1,7 @@
 """The local backend: a Hugging Face causal LM (LoRA via peft, or full fine-tuning) on this machine.
 
 Mechanisms only: the student model and its optimizer (`sdft.optim`), the teacher's weights
-(`sdft.teacher`: static, EMA or sync), decoding (`sdft.sampling.NativeSampler`) and the final-norm hidden
+(`sdft.teacher`: static, EMA or sync), decoding (`sdft.sampling`: native or vLLM) and the final-norm hidden
 states at completion positions (`sdft.lm`). What the loss is, and what it needs from the teacher, is the
 objective's (`sdft.objectives`). No [tokens, vocab] logits are materialized outside decoding: the
 teacher's outputs and the student's loss go through the fused functions of `sdft.losses` on the gathered
@@ -23,7 +23,8 @@ from sdft.losses import fused_linear_token_logprobs, fused_linear_topk
 from sdft.objectives import (FullVocabTargets, Objective, SampledTargets, StepSums, StudentTokens, Targets,
                              TeacherRequest, TopKTargets)
 from sdft.optim import LOW_PRECISION, MasterWeights, build_optimizer, build_schedule
-from sdft.sampling import NativeSampler, Rollout, SamplingParams
+from sdft.sampling import Rollout, SamplingParams, build_sampler
+from sdft.sampling.base import padding_token_id
 from sdft.checkpoint import check_state_tensors
 from sdft.teacher import build_teacher
 
@@ -39,14 +40,17 @@ class LocalBackend:
     after the last backward of a step and before clipping (a data-parallel gradient average). Under full
     fine-tuning of bf16 weights with optim.master_weights, AdamW updates fp32 master copies
     (`sdft.optim.MasterWeights`) and the model gets their rounded values. `forward_batch_size` bounds the
-    sequences per teacher forward.
+    sequences per teacher forward. Decoding goes through the sampler of generation.engine
+    (`sdft.sampling.build_sampler`; vllm needs `model_path`, the folder the model was loaded from), told
+    after every optimizer step and loaded checkpoint that the weights changed.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student: StudentConfig = StudentConfig(),
                  teacher: TeacherConfig = TeacherConfig(mode="static"), optim: OptimConfig = OptimConfig(),
                  generation: GenerationConfig = GenerationConfig(), model_settings: ModelConfig = ModelConfig(),
                  steps: int = 1, device: str | torch.device | None = None, seed: int = 0,
-                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None, forward_batch_size: int = 8):
+                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None, forward_batch_size: int = 8,
+                 model_path: str | None = None):
         check_plain_output_head(model)
         self.tokenizer = tokenizer
         self.notes: list[str] = []
@@ -76,8 +80,9 @@ class LocalBackend:
                                          beta2=optim.beta2, eps=optim.eps)
         self.scheduler = build_schedule(self.optimizer, schedule=optim.schedule, total_steps=steps,
                                         warmup_ratio=optim.warmup_ratio)
-        self.sampler = NativeSampler(self.causal_lm, tokenizer, batch_size=generation.batch_size, seed=seed)
-        self.pad_token_id = self.sampler.pad_id
+        self.sampler = build_sampler(generation, self.causal_lm, tokenizer, seed=seed, model_path=model_path,
+                                     dtype=model_settings.dtype)
+        self.pad_token_id = padding_token_id(tokenizer, self.sampler.stop_ids)
 
     # ----------------------------------------------------------------------------------------- model
     @property
@@ -95,7 +100,7 @@ class LocalBackend:
     # -------------------------------------------------------------------------------------- decoding
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:
-        """One completion per prompt from the student (adapter enabled), see `NativeSampler.sample`."""
+        """One completion per prompt from the student (adapter enabled), see `Sampler.sample`."""
         return self.sampler.sample(prompt_ids, params, seeds=seeds)
 
     def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -233,6 +238,7 @@ class LocalBackend:
         if self.masters is not None:
             self.masters.masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
+        self.sampler.weights_changed()
         return grad_norm, lr
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -260,6 +266,7 @@ class LocalBackend:
                     p.copy_(student[name])
         self.teacher.load_state_tensors(state["teacher"])
         self.sampler.generator.set_state(state["rng"]["sampler"].cpu())
+        self.sampler.weights_changed()
 
     def optimizer_state(self) -> dict:
         """{"optimizer": AdamW state_dict, "schedule": LambdaLR state_dict} (live tensors, not copies)."""
