@@ -44,5 +44,8 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     wa = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "one")).tensors["student"]
     wb = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "two")).tensors["student"]
     assert wa.keys() == wb.keys()
+    # LoRA A gets its first gradients through B ~ lr (B starts at 0): tiny gradients, where Adam divides by
+    # a second moment of the same size, so a rounding difference of the averaged gradient can move an element
+    # by a few percent of one step (lr = 1e-2); the bound is 5% of a step
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=5e-4)

@@ -66,24 +66,24 @@ def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of logits [B, V] from softmax(z / T) within the top-p nucleus, by inverse CDF with
-    uniforms [B] in [0, 1); and its log-prob under that distribution. Returns (tokens [B] int64, log-probs
-    [B] float32 (float64 for float64 logits)). One batched pass, no per-row loop."""
+    uniforms [B] in [0, 1): the first token, in vocabulary order, whose running probability sum exceeds
+    u * (the sum over the nucleus); and its log-prob under that distribution. Returns (tokens [B] int64,
+    log-probs [B] float32, float64 for float64 logits). One batched pass, no per-row loop."""
     scaled = _scaled(logits, temperature)
-    order = None
-    if top_p < 1.0:  # sort once: the nucleus is a prefix of the sorted row, and the CDF is taken in that order
-        scaled, order = scaled.sort(-1, descending=True)
-        keep = _nucleus(scaled.softmax(-1), top_p)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
+    if top_p < 1.0:
+        sorted_scaled, order = scaled.sort(-1, descending=True)
+        keep_sorted = _nucleus(sorted_scaled.softmax(-1), top_p)
+        outside = torch.zeros_like(keep_sorted).scatter_(-1, order, ~keep_sorted)
+        scaled = scaled.masked_fill(outside, float("-inf"))
     top = scaled.max(-1, keepdim=True).values
     weights = (scaled - top).exp()                                 # [B, V] unnormalized probabilities, max 1
     cdf = weights.cumsum(-1, dtype=torch.float64)                  # [B, V]
     total = cdf[:, -1:]
     # u * total < total always: the last interval ends at total, and a zero-width interval is never hit
     target = torch.minimum(uniforms[:, None].to(torch.float64) * total, total.nextafter(torch.zeros_like(total)))
-    index = torch.searchsorted(cdf, target, right=True)           # [B, 1] first i with cdf[i] > target
-    token_lp = ((scaled.gather(-1, index) - top).double() - total.log()).to(scaled.dtype)[:, 0]
-    token = index if order is None else order.gather(-1, index)
-    return token[:, 0], token_lp
+    token = torch.searchsorted(cdf, target, right=True)           # [B, 1] first i with cdf[i] > target
+    token_lp = ((scaled.gather(-1, token) - top).double() - total.log()).to(scaled.dtype)
+    return token[:, 0], token_lp[:, 0]
 
 
 def greedy_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
