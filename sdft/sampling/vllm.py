@@ -15,7 +15,9 @@ was drawn from, as the truncated importance weight needs. Stop rule: `stop_token
 rule, `sdft.sampling.base.stop_token_ids`), the engine's own end-of-sequence handling switched off.
 
 On a GPU the engine sleeps between decoding calls (`enable_sleep_mode`: weights offloaded to host memory,
-KV cache freed), so training gets the device's memory back. vLLM starts worker processes: create a
+KV cache freed), so training gets the device's memory back. With VLLM_ENABLE_V1_MULTIPROCESSING=0 (and one
+device) the engine's model lives in this process and the weights stream into it lazily, one tensor at a
+time, without copies; otherwise they travel to the engine's process as one message of raw bytes. vLLM starts worker processes: create a
 `VLLMSampler` only under `if __name__ == "__main__":` of the script that runs.
 """
 from __future__ import annotations
@@ -72,6 +74,16 @@ def _tensor(item) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
 
 
+def _model_in_this_process(llm) -> bool:
+    """Whether the engine's model runs in this process: an in-process engine core
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a single-process executor."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if not type(core).__name__.startswith("Inproc"):
+        return False
+    executor = getattr(getattr(core, "engine_core", None), "model_executor", None)
+    return type(executor).__name__.startswith("UniProc")
+
+
 def _payload(name: str, tensor: torch.Tensor):
     """A tensor as raw bytes for the engine's process (its message encoding does not rebuild tensors passed
     as untyped arguments)."""
@@ -126,10 +138,9 @@ class VLLMSampler:
     def load_weights(self) -> None:
         """Reload the engine's model from `weights()`, then drop the prefix cache. An engine in this process
         reads the stream lazily (one tensor at a time); one in another process gets it as one message."""
-        in_process = type(self.llm.llm_engine.engine_core).__name__.startswith("Inproc")
         stream = self.weights()
-        self.llm.collective_rpc("sdft_reload_weights",
-                                args=(stream if in_process else [_payload(n, t) for n, t in stream],))
+        self.llm.collective_rpc("sdft_reload_weights", args=(
+            stream if _model_in_this_process(self.llm) else [_payload(n, t) for n, t in stream],))
         self.llm.reset_prefix_cache()
         self.stale = False
         self.weight_loads += 1
