@@ -15,8 +15,9 @@ Columns, each sampling the same prompts with temperature 1 and top-p 1 for exact
   old     the previous native sampler, kept here as it was: one torch.Generator and one multinomial draw
           per prompt in a Python loop every token, a growing KV cache, finished rows decoded to the end
   native  `sdft.sampling.NativeSampler`: one batched inverse-CDF draw per token, counter-based noise
-  vllm    `sdft.sampling.vllm.VLLMSampler` on the model's folder (when vLLM is installed; its first call,
-          a warm-up, loads the model's weights into the engine)
+  vllm    the engine of `sdft.sampling.vllm.VLLMSampler` on the model's folder (when vLLM is installed), the
+          model's weights loaded into it once, then the sampler's requests (per-prompt seed, log-prob of the
+          sampled token) with the stop tokens held back until new_tokens (`min_tokens`)
 The columns run in lockstep: round r runs every column once, one after the other, so a change in the
 machine's load hits them alike; `warmup` untimed rounds first. Reported: the median over rounds of the
 time per decoding step (the whole call, prefill included, divided by new_tokens) and its ratio to the floor.
@@ -194,15 +195,23 @@ def run_decode_bench(settings: DecodeSettings, *, progress: Callable[[str], None
                 from sdft.sampling.vllm import VLLMSampler, import_vllm
                 from sdft.sampling.weights import policy_weights
 
-                import_vllm()
+                vllm = import_vllm()
+                from vllm.inputs import TokensPrompt
             except ImportError as error:
                 report.skipped[column] = str(error)
                 continue
             start = time.perf_counter()
-            engine = VLLMSampler(resolve_model_path(settings.model), tokenizer,
-                                 weights=lambda: policy_weights(model), eos_token_ids=[NEVER], max_model_len=1024)
+            engine = VLLMSampler(resolve_model_path(settings.model), tokenizer, weights=lambda: policy_weights(model),
+                                 max_model_len=1024)
             report.engine_start_s = time.perf_counter() - start
-            runs[column] = lambda engine=engine: engine.sample(prompts, params, seeds=seeds)
+            engine.load_weights()
+            # the sampler's own requests, with the stop tokens held back until new_tokens (vLLM takes no
+            # out-of-vocabulary stop id)
+            requests = [vllm.SamplingParams(n=1, max_tokens=settings.new_tokens, min_tokens=settings.new_tokens,
+                                            temperature=1.0, top_p=1.0, seed=seed, logprobs=0, ignore_eos=True,
+                                            detokenize=False) for seed in seeds]
+            token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+            runs[column] = lambda engine=engine: engine.llm.generate(token_prompts, requests, use_tqdm=False)
         else:
             raise ValueError(f"unknown column {column!r}; allowed: {', '.join(COLUMNS)}")
     for column in runs:
