@@ -3,7 +3,9 @@
 The noise of prompt b at token t is a pure function of (seeds[b], t): `counter_uniforms` hashes the pair
 with the SplitMix64 generator (state mix64(seed) advanced t + 1 times, output mix64(state)), so a prompt's
 completion does not depend on which other prompts share its batch, on the order of the batch or on how a
-batch is split over processes, and all rows are drawn in one tensor operation.
+batch is split over processes, and all rows are drawn in one tensor operation. (Written here because torch
+offers no counter-based generator keyed per row: a torch.Generator is one sequential stream, and one per
+prompt means one draw call per row.)
 
 `draw_tokens` turns one uniform u per row into a token by inverting the cumulative distribution of
 softmax(z / T) restricted to the top-p nucleus: token = the first index i with cdf(i) > u * cdf(V - 1),
