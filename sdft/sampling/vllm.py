@@ -18,8 +18,8 @@ On a GPU the engine sleeps between decoding calls (`enable_sleep_mode`: weights 
 KV cache freed), so training gets the device's memory back. With VLLM_ENABLE_V1_MULTIPROCESSING=0 (and one
 device) the engine's model lives in this process and the weights stream into it lazily, one tensor at a
 time, without copies; otherwise they travel to the engine's process as one message of raw bytes.
-vLLM starts worker processes: create a
-`VLLMSampler` only under `if __name__ == "__main__":` of the script that runs.
+vLLM starts worker processes: create a `VLLMSampler` only under `if __name__ == "__main__":` of the script
+that runs.
 """
 from __future__ import annotations
 
