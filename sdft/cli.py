@@ -119,6 +119,7 @@ def _train(args) -> int:
         return _print_validation(config)
     parallel = setup_parallel()
     result = train_from_config(config, parallel=parallel)
+    parallel.close()
     if parallel.is_main:
         print(f"run folder: {result.run_dir} (summary.md, metrics.jsonl, predictions/, learning_curves.png)")
         for name, after in result.scores_after.items():
@@ -149,13 +150,14 @@ def _evaluate(args) -> int:
 
     if args.checkpoint is not None and args.run is None:
         raise _UsageError("--checkpoint needs --run")
-    device = setup_parallel().device
+    parallel = setup_parallel()
     if args.run is not None:
         report = evaluate_model(None, run_dir=args.run, checkpoint=args.checkpoint, overrides=args.overrides,
-                                out_dir=args.out, device=device, progress=True)
+                                out_dir=args.out, device=parallel.device, progress=True)
     else:
-        report = evaluate_model(load_config(args.config, args.overrides), out_dir=args.out, device=device,
+        report = evaluate_model(load_config(args.config, args.overrides), out_dir=args.out, device=parallel.device,
                                 progress=True)
+    parallel.close()
     print(f"evaluated {report['model'] if report['run'] is None else report['run'] + ' at ' + report['checkpoint']}:"
           f" {report['out_dir']}")
     for name, row in report["benchmarks"].items():

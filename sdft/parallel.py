@@ -175,6 +175,14 @@ class Parallel:
         if self.mode != "single":
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down while the interpreter is still whole.
+        A gloo group left to interpreter shutdown can abort the process (SIGABRT) when its worker threads
+        release the last tensors of finished collectives after Python is gone."""
+        if self.mode != "single" and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     @property
     def _collective_device(self) -> torch.device:
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")

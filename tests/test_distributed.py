@@ -19,7 +19,9 @@ from sdft.checkpoint import latest_checkpoint, load_checkpoint
 from sdft.logs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# PYTHONFAULTHANDLER: a process that aborts in C++ still prints where its Python threads were.
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+       "PYTHONFAULTHANDLER": "1"}
 
 
 def free_port() -> int:
