@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     print(f"evaluated {report['model'] if report['run'] is None else report['run'] + ' at ' + report['checkpoint']}:"
           f" {report['out_dir']}")
     for name, row in report["benchmarks"].items():

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a failed save (sdft.checkpoint.CheckpointWriteError) or another I/O failure
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if dist.is_main:
         print(f"run folder: {result.run_dir} (summary.md, metrics.jsonl, predictions/, learning_curves.png)")
         for name, after in result.scores_after.items():

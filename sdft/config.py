@@ -223,6 +223,7 @@ class Config(_Section):
     run_name: str = _field("sdft", check=_check_run_name)
     output_dir: str = _field("runs", check=_check_non_empty)
     resume: bool = False
+    overwrite: bool = False  # start anew in a folder that holds a run: the old folder is moved aside
     algorithm: Literal["sdft", "sft"] = "sdft"
     model: ModelConfig = _section(ModelConfig)
     student: StudentConfig = _section(StudentConfig)

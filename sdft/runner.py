@@ -17,6 +17,7 @@ from sdft.batches import encode_examples, total_steps
 from sdft.build import build_benchmarks, build_local_backend, build_tinker_backend, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
+from sdft.rundir import RunFolder, claim_run_folder
 from sdft.sft import sft_step_fn
 
 
@@ -121,11 +122,18 @@ def _averaging_metrics(step_fn):
 
 
 def train_from_config(config: Config, *, dist: Distributed | None = None, stop_after: int | None = None) -> RunResult:
-    """Run the whole job described by `config` (see `sdft.loop.run_training`)."""
+    """Run the whole job described by `config` (see `sdft.loop.run_training`). The run folder is claimed
+    first (`sdft.rundir.claim_run_folder`: in use, already holding a run, or resumed with other settings
+    stops here, before any model is loaded) and held until the run ends."""
+    dist = dist or Distributed()
+    with claim_run_folder(config, is_main=dist.is_main, world_size=dist.world_size) as folder:
+        return _train_in_folder(config, folder, dist, stop_after)
+
+
+def _train_in_folder(config: Config, folder: RunFolder, dist: Distributed, stop_after: int | None) -> RunResult:
     from sdft.models import load_model_and_tokenizer
 
-    dist = dist or Distributed()
-    run_dir = Path(config.output_dir) / config.run_name
+    run_dir = folder.path
     seed_everything(config.seed)
     if config.backend.kind == "tinker":
         if dist.world_size > 1:
@@ -155,4 +163,4 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
                      f"{config.backend.tinker_base_model}, LoRA rank {config.backend.tinker_lora_rank}")
     return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks, steps=steps,
                         step_fn=step_fn, run_dir=run_dir, notes=notes, is_main_process=dist.is_main,
-                        stop_after=stop_after)
+                        stop_after=stop_after, run_folder=folder)
