@@ -106,6 +106,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
         tmp = make_temp_dir(root, f"{_TMP_PREFIX}{step:08d}_")
         for name, tensor_dict in tensors.items():
             save_file(_portable_tensors(name, tensor_dict), str(tmp / f"{name}.safetensors"))
+            # safetensors creates its file 0600; give it the mode open() would (0666 less the umask, which is
+            # what the freshly made folder shows as 0777 less the umask)
+            os.chmod(tmp / f"{name}.safetensors", tmp.stat().st_mode & 0o666)
             _fsync_file(tmp / f"{name}.safetensors")
         for name, obj in objects.items():
             with open(tmp / f"{name}.pt", "wb") as handle:
@@ -280,7 +283,7 @@ def _check_file(file: Path, manifest: Mapping[str, Any] | None) -> None:
     if manifest is None:  # format 1: nothing to compare with
         return
     entry = manifest.get(file.name)
-    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
         raise CheckpointError(f"{file}: no size and sha256 for it in {file.parent / 'state.json'}")
     size = file.stat().st_size
     if size < entry["bytes"]:

@@ -150,12 +150,16 @@ class RunLock:
         raise RunFolderError(f"{path}: could not lock it (the folder keeps being replaced)")
 
     def _write_holder(self) -> None:
+        """Best effort (a full disk must not keep the run from reporting its own error): the holder's pid, host,
+        start time and command line, as one JSON line."""
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_utc": _utc_now(),
                   "command": _command_line()}
-        data = (json.dumps(holder) + "\n").encode("utf-8")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+            os.fsync(self._fd)
+        except OSError:
+            pass
 
     @property
     def held(self) -> bool:
@@ -303,7 +307,7 @@ def _claim(config, path: Path) -> RunFolder:
             return RunFolder(path=path, lock=lock)
         if config.overwrite:
             aside = _move_aside(path)
-            path.mkdir(parents=True, exist_ok=False)
+            path.mkdir(parents=True, exist_ok=True)
             new_lock = RunLock.acquire(path)
             lock.release()
             return RunFolder(path=path, lock=new_lock,
