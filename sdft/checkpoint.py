@@ -14,6 +14,7 @@ at any point leaves the previous checkpoint intact and findable. One writer per 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -154,7 +155,7 @@ def _write_error(error: OSError, step: int, final: Path, previous: Path | None,
     else:
         kept = "There is no earlier checkpoint."
     fix = ("free disk space (or set output_dir to a disk with room), then continue the run with resume=true"
-           if error.errno in (28, 122) else "fix the cause, then continue the run with resume=true")  # ENOSPC, EDQUOT
+           if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause, then continue the run with resume=true")
     wrapped = CheckpointWriteError(f"could not save checkpoint step {step} to {final}: "
                                    f"{error.strerror or error}{where}. {kept} To go on: {fix}.")
     wrapped.errno = error.errno

@@ -353,6 +353,7 @@ CLAIMER = textwrap.dedent("""
     except RunFolderError as error:
         print("refused", error, flush=True)
     dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
