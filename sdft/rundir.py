@@ -125,7 +125,11 @@ class RunLock:
         """Lock `folder` (which must exist) without waiting; a RunFolderError naming the holder when it is held."""
         path = Path(folder) / LOCK_FILE
         for _ in range(10):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except FileNotFoundError:  # the folder was removed by a run that left nothing in it: make it again
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -165,13 +169,17 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def release(self) -> None:
-        """Unlock (the file stays, emptied: deleting a lock file races with a process opening it)."""
+    def release(self, *, remove: bool = False) -> None:
+        """Unlock; the file is emptied, or with `remove` deleted while still locked (a process that opened it
+        meanwhile then finds it gone and locks a new one: see `acquire`)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)
+            if remove:
+                self.path.unlink()
+            else:
+                os.ftruncate(fd, 0)
         except OSError:
             pass
         try:
@@ -208,7 +216,7 @@ class RunFolder:
     folder moved aside, settings changed on resume). lock: the held RunLock (None on the other processes
     of a distributed run, which write nothing). record: run.json of the run being resumed (None when the
     run starts anew or the folder predates run.json). continues: the folder held a run and resume=true.
-    changed: the allowed "key: old -> new" changes.
+    changed: the allowed "key: old -> new" changes. created: the claim made the folder.
     """
     path: Path
     notes: list[str] = field(default_factory=list)
@@ -216,6 +224,7 @@ class RunFolder:
     record: dict[str, Any] | None = None
     continues: bool = False
     changed: list[str] = field(default_factory=list)
+    created: bool = False
 
     def record_start(self, config) -> None:
         """Write run.json: a new record for a new run, or one more entry under "resumes" for a resumed one."""
@@ -234,8 +243,21 @@ class RunFolder:
         self.record = record
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        """Give the folder back. A run that wrote nothing (it stopped before its first output) leaves no trace:
+        its lock file is removed, and the folder too when the claim made it."""
+        if self.lock is None or not self.lock.held:
+            return
+        folder = self.lock.path.parent
+        try:
+            untouched = [p.name for p in folder.iterdir()] == [LOCK_FILE]
+        except OSError:
+            untouched = False
+        self.lock.release(remove=untouched)
+        if untouched and self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # another run has started in it meanwhile
+                pass
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -299,18 +321,20 @@ def _claim(config, path: Path) -> RunFolder:
     if config.resume and config.overwrite:
         raise RunFolderError("resume=true and overwrite=true exclude each other: resume=true continues the run in "
                              f"{path}, overwrite=true moves it aside and starts anew; set only one")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(path)
     try:
         found = _run_outputs(path)
         if not found:
-            return RunFolder(path=path, lock=lock)
+            return RunFolder(path=path, lock=lock, created=created)
         if config.overwrite:
             aside = _move_aside(path)
+            lock.path = aside / LOCK_FILE  # the lock moved with its folder
             path.mkdir(parents=True, exist_ok=True)
             new_lock = RunLock.acquire(path)
             lock.release()
-            return RunFolder(path=path, lock=new_lock,
+            return RunFolder(path=path, lock=new_lock, created=True,
                              notes=[f"overwrite=true: the previous run in this folder was moved to {aside}"])
         record = read_run_record(path)
         if not config.resume:
@@ -334,7 +358,7 @@ def _claim(config, path: Path) -> RunFolder:
         notes = [f"resumed with changed settings: {'; '.join(changes.allowed)}"] if changes.allowed else []
         return RunFolder(path=path, lock=lock, record=record, continues=True, changed=changes.allowed, notes=notes)
     except BaseException:
-        lock.release()
+        RunFolder(path=path, lock=lock, created=created).release()
         raise
 
 

@@ -87,10 +87,15 @@ def test_a_held_folder_is_refused_naming_its_holder_and_released_after(tmp_path)
                                                  rf"on host {socket.gethostname()}, started .*command: .*pytest.*\).* "
                                                  "choose another run_name"):
             claim_run_folder(config)
-        assert folder.lock.held
-    assert not folder.lock.held and (tmp_path / "r" / LOCK_FILE).read_text() == ""
-    claim_run_folder(config).release()
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [LOCK_FILE]  # a claim writes nothing else
+        assert folder.lock.held and sorted(p.name for p in (tmp_path / "r").iterdir()) == [LOCK_FILE]
+    # a run that wrote nothing leaves no trace: its lock file goes, and the folder the claim made
+    assert not folder.lock.held and not (tmp_path / "r").exists()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    with claim_run_folder(config) as folder:
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["notes.txt", LOCK_FILE]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["notes.txt", LOCK_FILE]
+    assert (tmp_path / "r" / LOCK_FILE).read_text() == ""
 
 
 HOLDER = textwrap.dedent("""
@@ -146,9 +151,10 @@ def test_the_train_script_reports_a_held_folder(tmp_path, tiny_model_dir):
     args = _overrides(tmp_path, tiny_model_dir)
     with claim_run_folder(load_config(None, args)):
         refused = _train_script(*args, "seed=1")
+        assert sorted(p.name for p in (tmp_path / "runs" / "test").iterdir()) == [LOCK_FILE]
     assert refused.returncode == 2
     assert refused.stderr.startswith(f"error: {tmp_path / 'runs' / 'test'} is in use by another run (pid {os.getpid()}")
-    assert sorted(p.name for p in (tmp_path / "runs" / "test").iterdir()) == [LOCK_FILE]
+    assert not (tmp_path / "runs" / "test").exists()  # the holder wrote nothing either
 
 
 # ----------------------------------------------------------------------------------------------
