@@ -2,7 +2,7 @@
 """Train with SDFT (or the SFT baseline) from a YAML config plus key=value overrides.
 
   python scripts/train.py --config configs/quickstart.yaml
-  accelerate launch scripts/train.py --config configs/tooluse.yaml teacher.mode=static loss.targets=topk
+  accelerate launch scripts/train.py --config configs/tooluse.yaml teacher.mode=static objective.targets=topk
   python scripts/train.py --config configs/quickstart.yaml --validate      # offline checks, no training
 """
 import argparse
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--validate", action="store_true", help="check config, data and model offline; no training")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.kind=reverse teacher.mode=ema")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.full.kind=reverse teacher.mode=ema")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

@@ -7,34 +7,80 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sdft.data import PromptExample
-from sdft.prompts import render_prompt_ids, student_messages, teacher_messages
+from sdft.prompts import DEMONSTRATION_CUT_MARK, render_student_prompt, render_teacher_prompt
 
 
 @dataclass(frozen=True)
 class EncodedExample:
     """A PromptExample with its token ids: the student prompt, the teacher prompt (prompt + demonstration
-    in context) and the SFT target (`example.target`, normally the demonstration, followed by EOS)."""
+    in context) and the SFT target (`example.target`, normally the demonstration, followed by EOS).
+
+    student_cut / teacher_cut: tokens that truncation to max_prompt_tokens removed from each prompt
+    (0: none); demonstration_cut: the teacher's demonstration lost its end.
+    """
 
     example: PromptExample
     student_ids: tuple[int, ...]
     teacher_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
+    student_cut: int = 0
+    teacher_cut: int = 0
+    demonstration_cut: bool = False
 
 
 def encode_examples(tokenizer, examples: Sequence[PromptExample], *, template: str = "official",
                     max_prompt_tokens: int | None = 1024) -> list[EncodedExample]:
-    """Render student and teacher prompts with the chat template (left-truncated to max_prompt_tokens)."""
+    """Render student and teacher prompts with the chat template, within max_prompt_tokens: the student
+    prompt left-truncated (official), the teacher prompt cut from its demonstration's end first
+    (`sdft.prompts.render_teacher_prompt`). Each example records what was cut; `truncation_report`
+    counts it."""
     eos = tokenizer.eos_token_id
     encoded = []
     for example in examples:
         target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+        student = render_student_prompt(tokenizer, example, max_prompt_tokens)
+        teacher = render_teacher_prompt(tokenizer, example, template, max_prompt_tokens)
         encoded.append(EncodedExample(
-            example=example,
-            student_ids=tuple(render_prompt_ids(tokenizer, student_messages(example), max_prompt_tokens)),
-            teacher_ids=tuple(render_prompt_ids(tokenizer, teacher_messages(example, template), max_prompt_tokens)),
+            example=example, student_ids=student.ids, teacher_ids=teacher.ids,
             target_ids=tuple(target) + ((eos,) if eos is not None else ()),
+            student_cut=student.cut_tokens, teacher_cut=teacher.cut_tokens,
+            demonstration_cut=teacher.demonstration_cut,
         ))
     return encoded
+
+
+@dataclass(frozen=True)
+class TruncationReport:
+    """How many of `examples` encoded prompts truncation cut: student prompts (from the left), teacher
+    prompts (any cut) and, among those, teacher prompts whose demonstration lost its end."""
+
+    examples: int
+    student: int
+    teacher: int
+    teacher_demonstration: int
+    max_prompt_tokens: int | None
+
+    def describe(self) -> str:
+        """One line with the counts (also when nothing was cut)."""
+        head = f"prompt truncation at data.max_prompt_tokens={self.max_prompt_tokens}: "
+        if not (self.student or self.teacher):
+            return head + f"none of {self.examples} student or teacher prompts cut"
+        return (head + f"{self.student} of {self.examples} student prompts cut from the left; {self.teacher} of "
+                f"{self.examples} teacher prompts cut ({self.teacher_demonstration} of them by shortening the "
+                f"demonstration, marked {DEMONSTRATION_CUT_MARK.strip()!r})")
+
+    @property
+    def note(self) -> str | None:
+        """`describe()` when any prompt was cut (a line for summary.md and the one warning), else None."""
+        return self.describe() if self.student or self.teacher else None
+
+
+def truncation_report(encoded: Sequence[EncodedExample], max_prompt_tokens: int | None) -> TruncationReport:
+    """The truncation counts of `encode_examples(..., max_prompt_tokens=max_prompt_tokens)`'s output."""
+    return TruncationReport(examples=len(encoded), student=sum(e.student_cut > 0 for e in encoded),
+                            teacher=sum(e.teacher_cut > 0 for e in encoded),
+                            teacher_demonstration=sum(e.demonstration_cut for e in encoded),
+                            max_prompt_tokens=max_prompt_tokens)
 
 
 def total_steps(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:

@@ -1,4 +1,5 @@
-"""Build the pieces of a run from a Config: data, benchmarks, model and backend."""
+"""Build the data pieces of a run from a Config: training examples, the held-out split and benchmarks
+(the backend is built by `sdft.backends.build_backend`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -95,51 +96,3 @@ def build_benchmarks(config: Config, heldout: list[PromptExample]) -> list[tuple
                                                 mcq_mode=bench.mcq_mode, **common)
         out.append((benchmark, bench.max_items))
     return out
-
-
-def build_local_backend(config: Config, model, tokenizer, *, steps: int, device=None, grad_sync=None, rank: int = 0):
-    """A LocalBackend configured from the student, teacher, optim and model sections. `grad_sync` (called
-    with the trainable parameters before each optimizer step) averages gradients in a distributed run;
-    `rank` offsets the sampling seed so that processes draw different samples."""
-    from sdft.backends.local import LocalBackend
-
-    student, teacher, optim = config.student, config.teacher, config.optim
-    return LocalBackend(
-        model, tokenizer, student_mode=student.mode, lora_rank=student.lora_rank, lora_alpha=student.lora_alpha,
-        lora_dropout=student.lora_dropout, lora_target_modules=list(student.lora_target_modules),
-        teacher_mode=teacher.mode, ema_alpha=teacher.ema_alpha, ema_fp32=teacher.ema_fp32,
-        sync_every=teacher.sync_every if teacher.mode == "sync" else None,
-        lr=optim.lr, weight_decay=optim.weight_decay, beta1=optim.beta1, beta2=optim.beta2, eps=optim.eps,
-        schedule=optim.schedule, total_steps=steps, warmup_ratio=optim.warmup_ratio,
-        max_grad_norm=optim.max_grad_norm, gradient_checkpointing=config.model.gradient_checkpointing,
-        dtype=config.model.dtype, device=device, seed=config.seed + 1000003 * rank,
-        generation_batch_size=config.generation.batch_size, grad_sync=grad_sync,
-        master_weights=config.optim.master_weights,
-    )
-
-
-def build_tinker_backend(config: Config, tokenizer, *, steps: int, service_client=None):
-    """A TinkerBackend configured from the backend, student, teacher and optim sections. `service_client`:
-    an injected service (e.g. `sdft.backends.tinker_offline.OfflineServiceClient`); None builds
-    `tinker.ServiceClient()`, which needs TINKER_API_KEY."""
-    from sdft.backends.tinker import TinkerBackend
-
-    backend, teacher, optim = config.backend, config.teacher, config.optim
-    return TinkerBackend(
-        backend.tinker_base_model, tokenizer, service_client=service_client, lora_rank=backend.tinker_lora_rank,
-        seed=config.seed, train_unembed=backend.tinker_train_unembed, teacher_mode=teacher.mode,
-        sync_every=teacher.sync_every if teacher.mode == "sync" else None, lr=optim.lr, beta1=optim.beta1,
-        beta2=optim.beta2, eps=optim.eps, weight_decay=optim.weight_decay, max_grad_norm=optim.max_grad_norm,
-        schedule=optim.schedule, total_steps=steps, warmup_ratio=optim.warmup_ratio,
-        max_retries=backend.max_retries, retry_backoff_s=backend.retry_backoff_s,
-    )
-
-
-def build_offline_tinker_service(config: Config, model, tokenizer, *, root):
-    """The in-process Tinker stand-in serving `model` (loaded from model.name) under the name
-    backend.tinker_base_model, with the student's LoRA alpha and dropout; checkpoints under `root`."""
-    from sdft.backends.tinker_offline import OfflineServiceClient
-
-    return OfflineServiceClient(model, tokenizer, base_model=config.backend.tinker_base_model, root=root,
-                                lora_alpha=config.student.lora_alpha, lora_dropout=config.student.lora_dropout,
-                                seed=config.seed)

@@ -5,6 +5,11 @@ Every loader returns a list of PromptExample in file order. Example ids:
 - tool use: "<API name>/<row index>" (the API name is what `split_examples(by="api")` groups by);
 - science: "science/<row index>"; generic HF datasets: "<split or 'data'>/<row index>";
 - JSONL: the row's "id" (or "task_id") if present, else "<file stem>/<line number>".
+
+Degenerate rows are refused when they load, with the file and line (JSONL) or the row index and column
+(folders and datasets): a null or blank expected answer or demonstration (a demonstration of "" or
+"null" teaches the teacher nothing), a tool-use golden answer with no calls, and a blank question (a
+user turn whose row fields are all blank). Files that are not UTF-8 are errors naming the line.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from sdft.verifiers import parse_golden_answer
 
 TASKS = ("tooluse", "science", "generic")
 QUICKSTART_DIR = Path(__file__).resolve().parent / "datasets" / "quickstart"
@@ -58,9 +65,8 @@ class PromptExample:
             raise ValueError(f"example {self.id!r}: task {self.task!r} is not one of {list(TASKS)}")
         if not self.messages or self.messages[-1].get("role") != "user":
             raise ValueError(f"example {self.id!r}: messages must end with a user turn, got {self.messages!r}")
-        if not isinstance(self.demonstration, str):
-            raise ValueError(f"example {self.id!r}: demonstration must be a string, "
-                             f"got {type(self.demonstration).__name__}")
+        require_text(self.messages[-1].get("content"), f"example {self.id!r}: the user turn")
+        require_text(self.demonstration, f"example {self.id!r}: demonstration")
 
     @property
     def target(self) -> str:
@@ -68,18 +74,58 @@ class PromptExample:
         return self.demonstration if self.sft_target is None else self.sft_target
 
 
+def require_text(value: Any, what: str) -> str:
+    """`value` if it is a string with at least one non-space character, else a ValueError that starts
+    with `what` (the file and line or row, and the field) and says what is allowed."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text, got {'null' if value is None else type(value).__name__} "
+                         f"{value!r:.80}; allowed: a string with at least one non-space character")
+    if not value.strip():
+        raise ValueError(f"{what} is blank ({value!r:.20}); allowed: a string with at least one non-space "
+                         "character")
+    return value
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file (a byte-order mark is dropped); a line that is not
+    UTF-8 is a ValueError naming the file, the line and the column of the first bad byte."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1}); save the file as UTF-8") from None
+
+
 # ----------------------------------------------------------------------------------------------- JSONL
 
-def _format_user(template: str, fields: dict, where: str) -> str:
+def _format_user(template: str, fields: dict, where: str, describe: Callable[[str], str]) -> str:
+    """`template.format(**fields)`; refuses a field that is missing or null, and a user turn to which the
+    row contributes nothing (every field it uses is blank). `describe(name)` names a field for errors."""
     names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    roots = []
     for name in names:
         if name == "" or name.isdigit():
             raise ValueError(f"user_template {template!r} has a positional field; use named fields such as "
                              "{question}")
-        if name.split(".")[0].split("[")[0] not in fields:
+        root = name.split(".")[0].split("[")[0]
+        if root not in fields:
             raise ValueError(f"{where}: user_template field {{{name}}} is not among the row's inputs "
                              f"{sorted(fields)}")
-    return template.format(**fields)
+        if fields[root] is None:
+            raise ValueError(f"{where}: {describe(root)} is null; allowed: text with at least one non-space "
+                             f"character (the user turn is rendered by user_template {template!r})")
+        roots.append(root)
+    text = template.format(**fields)
+    used = list(dict.fromkeys(roots))
+    blank = [root for root in used if isinstance(fields[root], str) and not fields[root].strip()]
+    if not text.strip() or (used and len(blank) == len(used)):
+        shown = ", ".join(describe(root) for root in blank) or "the user turn"
+        raise ValueError(f"{where}: {shown} is blank, so the user turn rendered by user_template {template!r} "
+                         "holds no question; allowed: text with at least one non-space character")
+    return text
 
 
 def _chat(user: str, system_prompt: str | None) -> tuple[dict, ...]:
@@ -93,6 +139,25 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _require_answer(value: Any, what: str) -> Any:
+    """An expected answer that is both the scorer's reference and (JSON-encoded if not a string) the
+    demonstration: not null, not blank, not an empty list or object, no blank string in a list."""
+    allowed = ("allowed: a string with at least one non-space character, a non-empty list of such strings, "
+               "or another non-empty JSON value")
+    if value is None:
+        raise ValueError(f"{what} is null (the demonstration would be the text 'null'); {allowed}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{what} is blank ({value!r:.20}); {allowed}")
+    elif isinstance(value, (list, dict)) and not value:
+        raise ValueError(f"{what} is an empty {type(value).__name__}; {allowed}")
+    elif isinstance(value, list):
+        for index, option in enumerate(value):
+            if option is None or (isinstance(option, str) and not option.strip()):
+                raise ValueError(f"{what}[{index}] is {'null' if option is None else 'blank'}; {allowed}")
+    return value
+
+
 def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
                         system_prompt: str | None = None) -> list[PromptExample]:
     """Read evsys PromptExample rows `{"inputs": {"question": ...}, "expected": ...}`.
@@ -100,40 +165,40 @@ def load_jsonl_examples(path: str | Path, user_template: str = "{question}",
     The user turn is `user_template.format(**inputs)`; `expected` is both the demonstration and the
     answer (a non-string expected is JSON-encoded for the demonstration). Optional row keys:
     "demonstration" (overrides the demonstration), "id" or "task_id", "task". Blank lines are skipped.
+    Refused, naming the file, line and field: a null or blank "expected" or "demonstration" (or an empty
+    list or object, or a blank string in a list), and a question that renders to nothing.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            inputs = row.get("inputs")
-            if not isinstance(inputs, dict):
-                raise ValueError(f"{where}: missing or non-object field 'inputs' (got {inputs!r}); "
-                                 "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
-            if "expected" not in row:
-                raise ValueError(f"{where}: missing field 'expected'; "
-                                 "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
-            demonstration = row.get("demonstration", row["expected"])
-            if not isinstance(demonstration, str):
-                demonstration = _as_text(demonstration)
-            task = row.get("task", "generic")
-            if task not in TASKS:
-                raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
-            example_id = str(row.get("id", row.get("task_id", f"{path.stem}/{lineno}")))
-            examples.append(PromptExample(
-                id=example_id,
-                messages=_chat(_format_user(user_template, inputs, where), system_prompt),
-                demonstration=demonstration, answer=row["expected"], task=task))
+    for lineno, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        inputs = row.get("inputs")
+        if not isinstance(inputs, dict):
+            raise ValueError(f"{where}: missing or non-object field 'inputs' (got {inputs!r}); "
+                             "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
+        if "expected" not in row:
+            raise ValueError(f"{where}: missing field 'expected'; "
+                             "expected {\"inputs\": {\"question\": ...}, \"expected\": ...}")
+        _require_answer(row["expected"], f"{where}: field 'expected'")
+        shown = row["demonstration"] if "demonstration" in row else row["expected"]
+        demonstration = _as_text(_require_answer(shown, f"{where}: field 'demonstration'"))
+        task = row.get("task", "generic")
+        if task not in TASKS:
+            raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
+        example_id = str(row.get("id", row.get("task_id", f"{path.stem}/{lineno}")))
+        user = _format_user(user_template, inputs, where, lambda name: f"field 'inputs.{name}'")
+        examples.append(PromptExample(id=example_id, messages=_chat(user, system_prompt),
+                                      demonstration=demonstration, answer=row["expected"], task=task))
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return examples
@@ -175,6 +240,7 @@ def _messages_from(value: Any, where: str) -> tuple[dict, ...]:
         messages.append({"role": message["role"], "content": message["content"]})
     if messages[-1]["role"] != "user":
         raise ValueError(f"{where}: the last message must be the user turn, got role {messages[-1]['role']!r}")
+    require_text(messages[-1]["content"], f"{where}: the user turn's content (the question)")
     return tuple(messages)
 
 
@@ -205,13 +271,16 @@ def load_tooluse(path: str | Path, split: str | None = None) -> list[PromptExamp
     examples = []
     for index, row in enumerate(dataset):
         where = f"{path} row {index}"
-        if not isinstance(row["prompt"], str) or not row["prompt"]:
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {row['prompt']!r:.200}")
+        require_text(row["prompt"], f"{where}: column 'prompt' (the question)")
         calls = row["golden_answer"]
         if not isinstance(calls, list) or not all(
                 isinstance(c, dict) and "Action" in c and "Action_Input" in c for c in calls):
             raise ValueError(f"{where}: 'golden_answer' must be a list of {{'Action', 'Action_Input'}}, "
                              f"got {calls!r:.200}")
+        try:
+            parse_golden_answer(calls)
+        except ValueError as error:
+            raise ValueError(f"{where}: column 'golden_answer': {error}") from None
         answer = [{"Action": c["Action"], "Action_Input": c["Action_Input"]} for c in calls]
         response = row["golden_response"] if has_response else None
         if response is None:
@@ -222,6 +291,7 @@ def load_tooluse(path: str | Path, split: str | None = None) -> list[PromptExamp
             demonstration = "\n".join(response)
         else:
             raise ValueError(f"{where}: 'golden_response' must be a list of lines, got {response!r:.200}")
+        require_text(demonstration, f"{where}: column 'golden_response' (the demonstration)")
         examples.append(PromptExample(
             id=f"{row['name']}/{index}", messages=({"role": "user", "content": row["prompt"]},),
             demonstration=demonstration, answer=answer, task="tooluse"))
@@ -265,6 +335,7 @@ def load_science(path: str | Path, thinking_format: bool = False,
             output_text = row["output_text"]
             if not isinstance(output_text, str):
                 raise ValueError(f"{where}: 'output_text' must be a string, got {output_text!r:.200}")
+            require_text(output_text, f"{where}: column 'output_text' (the demonstration)")
             letter = output_text.split("<answer>")[-1].split("</answer>")[0].strip().upper()
             answer = letter if letter in ("A", "B", "C", "D") else None
             demonstration = output_text
@@ -325,14 +396,16 @@ def load_hf_dataset(path_or_name: str, split: str | None, question_field: str, a
     dataset = _open_hf(path_or_name, split)
     _require_columns(dataset, path_or_name, [question_field, answer_field], "question/answer")
     examples = []
+    def describe(name: str) -> str:
+        return f"column {(question_field if name == 'question' else name)!r}"
+
     for index, row in enumerate(dataset):
         where = f"{path_or_name} row {index}"
         fields = {**row, "question": row[question_field]}
-        answer = row[answer_field]
-        examples.append(PromptExample(
-            id=f"{split or 'data'}/{index}", messages=_chat(_format_user(user_template, fields, where),
-                                                            system_prompt),
-            demonstration=_as_text(answer), answer=answer, task="generic"))
+        answer = _require_answer(row[answer_field], f"{where}: column {answer_field!r} (the answer)")
+        user = _format_user(user_template, fields, where, describe)
+        examples.append(PromptExample(id=f"{split or 'data'}/{index}", messages=_chat(user, system_prompt),
+                                      demonstration=_as_text(answer), answer=answer, task="generic"))
     if not examples:
         raise ValueError(f"dataset {path_or_name!r} split {split!r} has no rows")
     return examples

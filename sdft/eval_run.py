@@ -39,18 +39,15 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
     the newest intact checkpoint). The checkpoint's files are verified (sdft.checkpoint.load_checkpoint): a
     damaged chosen checkpoint is a CheckpointError naming the file; without `checkpoint`, damaged newer ones
     are skipped and said in `notes`."""
-    from sdft.build import build_local_backend
+    from sdft.backends import build_backend, require_local_weights
     from sdft.checkpoint import list_checkpoints, load_checkpoint, load_latest_intact
-    from sdft.models import load_model_and_tokenizer
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
     config = load_config(config_path, list(overrides))
-    if config.backend.kind != "local":
-        raise ValueError(f"{config_path}: backend.kind={config.backend.kind!r}; only local runs can be rebuilt "
-                         "here (a Tinker run's weights live on the Tinker service)")
+    require_local_weights(config, str(config_path))
     notes = []
     if checkpoint is None:
         loaded, damaged = load_latest_intact(run_dir, objects=False)
@@ -69,10 +66,9 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
         loaded = load_checkpoint(path, objects=False)
     if not loaded.verified:
         notes.append(f"{loaded.path.name} was saved without checksums by an earlier version: loaded unverified")
-    model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
-    backend = build_local_backend(config, model, tokenizer, steps=1, device=device)
+    backend = build_backend(config, steps=1, device=device)
     backend.load_state_tensors(loaded.tensors)
-    return RunStudent(backend=backend, tokenizer=tokenizer, config=config, checkpoint=loaded.path,
+    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=loaded.path,
                       notes=tuple(notes))
 
 
@@ -88,10 +84,12 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     `EvalResult` fields ("name", "split", "n", "correct", "pass_at_1", "ci_low", "ci_high", "per_item" as 0/1)
     and "max_new_tokens"}}.
     """
-    from sdft.backends.local import DTYPES, greedy_generate_fn
+    from sdft.backends import require_local_weights
+    from sdft.backends.local import DTYPES
     from sdft.build import build_benchmarks, load_run_data
     from sdft.evaluation import evaluate_benchmarks
     from sdft.models import load_model_and_tokenizer
+    from sdft.sampling import NativeSampler
 
     if run_dir is not None:
         student = load_run_student(run_dir, checkpoint=checkpoint, overrides=overrides, device=device)
@@ -104,14 +102,12 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
             raise ValueError("give a config (to evaluate its model.name) or a run folder")
         if checkpoint is not None:
             raise ValueError("a checkpoint needs the run folder it belongs to (run_dir)")
-        if config.backend.kind != "local":
-            raise ValueError(f"backend.kind={config.backend.kind!r}: only local models are evaluated here; "
-                             "set backend.kind=local to evaluate model.name on this machine")
+        require_local_weights(config, "evaluating model.name")
         model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
                                                     cache_dir=config.model.cache_dir)
         if device is not None:
             model.to(device)
-        generate = greedy_generate_fn(model, tokenizer, batch_size=config.eval.batch_size)
+        generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy
         described = {"run": None, "checkpoint": None, "notes": []}
     if not config.eval.benchmarks:
         raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")

@@ -5,7 +5,7 @@ Generation is a plain callable, so the same evaluation runs on any backend::
     GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
     # (prompt token ids per item, max_new_tokens) -> completion token ids per item, greedy decoding
 
-`hf_greedy_generate` builds one for a local Hugging Face model. A benchmark is a named tuple of
+`sdft.sampling.NativeSampler(model, tokenizer).greedy` is one for a local Hugging Face model. A benchmark is a named tuple of
 `EvalItem`s, each carrying its own verifier; it comes from an evsys task folder (`load_task_benchmark`)
 or from training-style examples (`benchmark_from_examples`). Results carry pass@1 with a Wilson 95%
 interval and use the evsys metric keys ``<split>/<benchmark>/pass@1``.
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from sdft.data import iter_text_lines
 from sdft.io import atomic_write_jsonl
 from sdft.stats import wilson_interval
 from sdft.verifiers import (MCQ_MODES, TOOLUSE_MODES, VERIFIERS, check_expected, get_verifier,
@@ -106,23 +107,23 @@ def load_task_benchmark(folder: str | os.PathLike, name: str | None = None, spli
          "verifier": {"kind": "in_process", "fn_name": <a VERIFIERS name>, "expected": ...}}
 
     The instruction becomes a single user message. `name` defaults to the folder's name. Errors name
-    the file and line.
+    the file and line; a degenerate `expected` (blank, a regex that matches the empty string, no tool
+    calls: see `sdft.verifiers`) is refused as the field 'verifier.expected'.
     """
     path = Path(folder) / TASKS_FILE
     if not path.is_file():
         raise ValueError(f"benchmark folder {str(folder)!r}: no {TASKS_FILE} in it")
     items = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            item = _task_item(line, where)
-            if item.id in seen:
-                raise ValueError(f"{where}: task_id {item.id!r} already used on line {seen[item.id]}")
-            seen[item.id] = line_number
-            items.append(item)
+    for line_number, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        item = _task_item(line, where)
+        if item.id in seen:
+            raise ValueError(f"{where}: task_id {item.id!r} already used on line {seen[item.id]}")
+        seen[item.id] = line_number
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no tasks (the file is empty)")
     return Benchmark(name=name or Path(folder).resolve().name, items=tuple(items), split=split,
@@ -157,7 +158,7 @@ def _task_item(line: str, where: str) -> EvalItem:
     try:
         check_expected(fn_name, spec["expected"])
     except ValueError as err:
-        raise ValueError(f"{where}: verifier expected: {err}") from None
+        raise ValueError(f"{where}: field 'verifier.expected': {err}") from None
     return EvalItem(id=str(task_id), messages=({"role": "user", "content": instruction},),
                     verifier=functools.partial(VERIFIERS[fn_name], expected=spec["expected"]),
                     reference=spec["expected"])
@@ -201,83 +202,6 @@ def benchmark_from_examples(name: str, examples: Iterable[PromptExample], *, too
                               reference=answer))
     return Benchmark(name=name, items=tuple(items), split=split, run_every=run_every,
                      max_new_tokens=max_new_tokens)
-
-
-# --------------------------------------------------------------------------------------- generation
-def hf_greedy_generate(model: Any, tokenizer: Any, batch_size: int = 8) -> GenerateFn:
-    """A GenerateFn for a local Hugging Face causal LM (peft-wrapped models work too).
-
-    Prompts are sorted by length, batched `batch_size` at a time, left-padded with an attention mask,
-    and decoded greedily with the KV cache (``model.generate``, argmax, no repetition penalty or other
-    logits processors taken from the model's generation config). Each completion stops at the first
-    end-of-sequence token (kept) or at max_new_tokens; padding after it is removed. The model is put
-    in eval mode for the call and restored afterwards.
-    """
-    if not _is_positive_int(batch_size):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    stop_ids = _stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    return functools.partial(_hf_generate, model=model, batch_size=batch_size, stop_ids=stop_ids,
-                             pad_id=pad_id)
-
-
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   tokenizer.eos_token_id):
-        for token_id in (source if isinstance(source, (list, tuple)) else [source]):
-            if token_id is not None and int(token_id) not in ids:
-                ids.append(int(token_id))
-    if not ids:
-        raise ValueError("hf_greedy_generate: neither the tokenizer nor the model's generation config "
-                         "defines an eos_token_id to stop at")
-    return ids
-
-
-def _hf_generate(prompts: list[list[int]], max_new_tokens: int, *, model: Any, batch_size: int,
-                 stop_ids: list[int], pad_id: int) -> list[list[int]]:
-    import torch
-    from transformers import GenerationConfig
-
-    if not _is_positive_int(max_new_tokens):
-        raise ValueError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    for index, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"generate: prompt {index} is empty; every prompt needs at least one token")
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_length=0, eos_token_id=stop_ids, pad_token_id=pad_id,
-    )
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    completions: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-                attention_mask[row, width - len(prompts[i]):] = 1
-            with torch.no_grad():
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config)
-            for row, i in enumerate(batch):
-                completions[i] = _cut_at_stop(output[row, width:].tolist(), stop_ids)
-    finally:
-        model.train(was_training)
-    return completions
-
-
-def _cut_at_stop(token_ids: list[int], stop_ids: Sequence[int]) -> list[int]:
-    for position, token_id in enumerate(token_ids):
-        if token_id in stop_ids:
-            return token_ids[:position + 1]
-    return token_ids
 
 
 # --------------------------------------------------------------------------------------- evaluation

@@ -1,10 +1,10 @@
 """The SDFT training loop, and the run shell it shares with the SFT baseline.
 
-One SDFT step (any backend):
-    rollouts = backend.sample(student prompts)                       on-policy, sampler log-probs kept
-    targets  = backend.teacher_targets(teacher prompts, rollouts)    full-vocab, top-K or sampled-token
-    metrics  = backend.train_step(rollouts, targets, loss spec)      one optimizer step
-    backend.update_teacher(step)                                     static: no-op; ema; sync every N
+One SDFT step (any backend, any objective):
+    rollouts = backend.sample(student prompts)                          on-policy, sampler log-probs kept
+    targets  = backend.teacher_targets(teacher prompts, rollouts, obj)  what the objective asks of the teacher
+    metrics  = backend.train_step(rollouts, targets, obj)               one optimizer step of the objective
+    backend.update_teacher(step)                                        static: no-op; ema; sync every N
 
 `run_training` wraps any such step function with what every run needs: deterministic batches, evaluation
 before, during and after training, metrics.jsonl / TensorBoard / progress, checkpoints every N steps with
@@ -18,29 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sdft.backends.base import LossSpec, SamplingParams
 from sdft.batches import EncodedExample, batch_indices
 from sdft.checkpoint import capture_rng_state, load_latest_intact, restore_rng_state, save_checkpoint
 from sdft.config import Config, config_to_dict, dump_config
 from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
 from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
+from sdft.objectives import build_objective
 from sdft.rundir import RunFolder, claim_run_folder
+from sdft.sampling import SamplingParams
 
 StepFn = Callable[[Any, Sequence[EncodedExample], int], dict]
 """(backend, batch, step) -> metrics of one optimizer step."""
-
-
-def loss_spec_from_config(config: Config) -> LossSpec:
-    loss = config.loss
-    return LossSpec(targets=loss.targets, kind=loss.kind, beta=loss.beta, topk=loss.topk,
-                    topk_normalize=loss.topk_normalize, topk_kind=loss.topk_kind, temperature=loss.temperature,
-                    skip_first_n_tokens=loss.skip_first_n_tokens, reduction=loss.reduction, is_clip=loss.is_clip,
-                    impl=loss.impl, chunk_size=loss.chunk_size)
-
-
-def sampling_from_config(config: Config) -> SamplingParams:
-    gen = config.generation
-    return SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p)
 
 
 def sampling_seed(seed: int, step: int, position: int) -> int:
@@ -55,7 +43,9 @@ def sdft_step_fn(config: Config, *, rank: int = 0, world_size: int = 1) -> StepF
     same rollouts whether the batch is split over processes or not; with `world_size` > 1 this process
     handles the positions rank, rank + world_size, ... of every batch.
     """
-    spec, sampling, micro = loss_spec_from_config(config), sampling_from_config(config), config.optim.micro_batch_size
+    objective = build_objective(config.objective)
+    gen = config.generation
+    sampling = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p)
 
     def step_fn(backend, batch: Sequence[EncodedExample], step: int) -> dict:
         start = time.perf_counter()
@@ -64,9 +54,9 @@ def sdft_step_fn(config: Config, *, rank: int = 0, world_size: int = 1) -> StepF
         seeds = [sampling_seed(config.seed, step, i) for i in positions]
         rollouts = backend.sample([b.student_ids for b in batch], sampling, seeds=seeds)
         sampled = time.perf_counter()
-        targets = backend.teacher_targets([b.teacher_ids for b in batch], rollouts, spec)
+        targets = backend.teacher_targets([b.teacher_ids for b in batch], rollouts, objective)
         scored = time.perf_counter()
-        metrics = dict(backend.train_step(rollouts, targets, spec, micro_batch_size=micro))
+        metrics = dict(backend.train_step(rollouts, targets, objective))
         trained = time.perf_counter()
         backend.update_teacher(step)
         metrics.update(sample_time_s=sampled - start, teacher_time_s=scored - sampled,

@@ -8,6 +8,7 @@ later calls load that folder directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -120,7 +121,7 @@ def _tied_keys(model) -> set[str]:
 
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
     """The folder or hub id to load: the packaged name maps to its (converted) cache folder; a local
-    folder must hold a config.json; anything else is returned unchanged as a hub id."""
+    folder must hold a config.json that is a JSON object; anything else is returned unchanged as a hub id."""
     if is_packaged_name(name_or_path):
         return str(packaged_model_path(cache_dir))
     path = Path(name_or_path).expanduser()
@@ -128,11 +129,41 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; "
                                     "expected a folder written by save_pretrained")
+        _check_config_json(path / "config.json")
         return str(path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise FileNotFoundError(f"model {name_or_path!r} is not a folder; pass a folder written by "
                                 f"save_pretrained, a hub id already in the local cache, or {PACKAGED_MODEL!r}")
     return str(name_or_path)
+
+
+def _check_config_json(path: Path) -> None:
+    """A clear error for a config.json that is not UTF-8 JSON holding an object."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the model folder is damaged: "
+                         "save it again with save_pretrained") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+                         "the model folder is damaged: save it again with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of model settings, got {type(config).__name__}; "
+                         "the model folder is damaged: save it again with save_pretrained")
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Raise one ValueError naming the first `*.safetensors` file in `folder` that safetensors' own
+    reader refuses (a header or data section cut short: an interrupted copy or download)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(f"{path}: the weights file is damaged or incomplete ({error}; {path.stat().st_size} "
+                             "bytes on disk); copy or save the model folder again") from None
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.float32,
@@ -143,15 +174,24 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.fl
     `name_or_path` is the packaged model's name (case-insensitive), a local save_pretrained folder, or
     a hub id already in the local Hugging Face cache (loaded with local_files_only=True). The
     tokenizer's pad token falls back to its eos token; a tokenizer without a chat template is an
-    error. `cache_dir` is where the packaged model is converted to (see `packaged_model_path`).
+    error. `cache_dir` is where the packaged model is converted to (see `packaged_model_path`). A
+    local folder with a damaged config.json or weights file is an error naming that file.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_path(name_or_path, cache_dir)
+    local = Path(source).is_dir()
+    if local:
+        check_weight_files(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
     except OSError as error:
+        if local:
+            raise FileNotFoundError(
+                f"model folder {source!r} could not be loaded ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); expected a folder written by "
+                "save_pretrained (config.json, the tokenizer files and the weights)") from error
         raise FileNotFoundError(
             f"model {name_or_path!r} is not available offline ({error.__class__.__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Download it on a machine with network "

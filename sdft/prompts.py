@@ -1,13 +1,26 @@
 """Student and teacher prompts: chat messages, the teacher's in-context demonstration template, and
-chat-template rendering to token ids with left truncation.
+chat-template rendering to token ids with truncation to a token budget.
 
 The student sees the example's messages unchanged. The teacher sees the same messages with the last
 user turn wrapped by a `string.Template` that also shows the gold demonstration.
+
+Truncation to `max_prompt_tokens`: the student prompt keeps its last tokens (left truncation, as in the
+official code). The teacher prompt is cut from the demonstration's side instead, so that a long
+demonstration cannot push the question out (left truncation of prompt + demonstration would keep only
+the demonstration's tail): the demonstration loses tokens from its end, marked by DEMONSTRATION_CUT_MARK,
+while the chat framing, the whole question and the template's closing instruction stay. The
+demonstration is the reason the teacher exists, so it is never cut below DEMONSTRATION_FLOOR *
+max_prompt_tokens tokens (or its whole length, if shorter); when the question leaves less room than
+that, the rest is taken from the start of the teacher prompt, as for the student.
 """
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+DEMONSTRATION_CUT_MARK = " [...]"
+DEMONSTRATION_FLOOR = 0.5   # a cut demonstration keeps at least this share of max_prompt_tokens
 
 TEACHER_TEMPLATES = {
     # Official SDFT code: starts and ends with a newline.
@@ -77,15 +90,21 @@ def student_messages(example: Any) -> list[dict]:
     return _messages(example)
 
 
-def teacher_messages(example: Any, template: str = "official", keep_system: bool = True) -> list[dict]:
+def _demonstration(example: Any) -> str:
+    return example.demonstration if hasattr(example, "demonstration") else example["demonstration"]
+
+
+def teacher_messages(example: Any, template: str = "official", keep_system: bool = True,
+                     demonstration: str | None = None) -> list[dict]:
     """The teacher's chat messages: the example's messages with the last user turn replaced by the
-    template around it and the example's demonstration.
+    template around it and the example's demonstration (or `demonstration`, when given).
 
     keep_system=True keeps a system message if the example has one (the official code's behaviour for
     science); keep_system=False drops it (the cookbook's behaviour).
     """
     messages = _messages(example)
-    demonstration = example.demonstration if hasattr(example, "demonstration") else example["demonstration"]
+    if demonstration is None:
+        demonstration = _demonstration(example)
     last = messages[-1]
     last["content"] = render_teacher_content(last["content"], demonstration, template)
     if not keep_system:
@@ -102,15 +121,78 @@ def render_prompt_text(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
                                          add_generation_prompt=True)
 
 
+def _check_budget(max_prompt_tokens: int | None) -> None:
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool)
+                                          or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
+
+
+def _full_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    return list(tokenizer(render_prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
 def render_prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]],
                       max_prompt_tokens: int | None = None) -> list[int]:
     """The chat-templated prompt as token ids; if longer than max_prompt_tokens, its LAST
     max_prompt_tokens tokens are kept (left truncation, as in the official code)."""
-    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool)
-                                          or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-        raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
-    text = render_prompt_text(tokenizer, messages)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    _check_budget(max_prompt_tokens)
+    ids = _full_ids(tokenizer, messages)
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         ids = ids[-max_prompt_tokens:]
     return ids
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt's token ids and what truncation took from its full rendering: `cut_tokens` = full length
+    - kept length (0: nothing cut), `demonstration_cut` = whether the demonstration lost its end."""
+
+    ids: tuple[int, ...]
+    cut_tokens: int = 0
+    demonstration_cut: bool = False
+
+
+def render_student_prompt(tokenizer, example: Any, max_prompt_tokens: int | None = None) -> RenderedPrompt:
+    """The student prompt, left-truncated to max_prompt_tokens (official)."""
+    _check_budget(max_prompt_tokens)
+    full = _full_ids(tokenizer, student_messages(example))
+    kept = full if max_prompt_tokens is None else full[-max_prompt_tokens:]
+    return RenderedPrompt(tuple(kept), cut_tokens=len(full) - len(kept))
+
+
+def render_teacher_prompt(tokenizer, example: Any, template: str = "official",
+                          max_prompt_tokens: int | None = None, keep_system: bool = True) -> RenderedPrompt:
+    """The teacher prompt within max_prompt_tokens, cut from the demonstration's side (module docstring).
+
+    With D the demonstration's token ids, the kept demonstration is decode(D[:k]) + DEMONSTRATION_CUT_MARK
+    for the largest k in [min(len(D), floor(DEMONSTRATION_FLOOR * max_prompt_tokens)), len(D)) whose
+    rendered prompt fits (found by bisection, one rendering per probe: token counts do not add up across
+    a cut, so each candidate is rendered in full). If none fits, the prompt with the shortest allowed
+    demonstration keeps its last max_prompt_tokens tokens.
+    """
+    _check_budget(max_prompt_tokens)
+    full = _full_ids(tokenizer, teacher_messages(example, template, keep_system))
+    if max_prompt_tokens is None or len(full) <= max_prompt_tokens:
+        return RenderedPrompt(tuple(full))
+    demo_ids = list(tokenizer(_demonstration(example), add_special_tokens=False)["input_ids"])
+
+    def render(k: int) -> list[int]:
+        shown = tokenizer.decode(demo_ids[:k], clean_up_tokenization_spaces=False) + DEMONSTRATION_CUT_MARK
+        return _full_ids(tokenizer, teacher_messages(example, template, keep_system, demonstration=shown))
+
+    floor = min(len(demo_ids), int(DEMONSTRATION_FLOOR * max_prompt_tokens))
+    if floor == len(demo_ids):  # the demonstration is short: only the question can give way
+        return RenderedPrompt(tuple(full[-max_prompt_tokens:]), cut_tokens=len(full) - max_prompt_tokens)
+    best = render(floor)
+    if len(best) > max_prompt_tokens:
+        kept = best[-max_prompt_tokens:]
+        return RenderedPrompt(tuple(kept), cut_tokens=len(full) - len(kept), demonstration_cut=True)
+    low, high = floor, len(demo_ids) - 1  # render(low) fits; find the largest k <= high that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        candidate = render(middle)
+        if len(candidate) <= max_prompt_tokens:
+            low, best = middle, candidate
+        else:
+            high = middle - 1
+    return RenderedPrompt(tuple(best), cut_tokens=len(full) - len(best), demonstration_cut=True)

@@ -7,14 +7,14 @@ predictions, checkpoints and the summary.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdft.batches import encode_examples, total_steps
-from sdft.build import build_benchmarks, build_local_backend, build_tinker_backend, load_run_data
+from sdft.batches import encode_examples, total_steps, truncation_report
+from sdft.build import build_benchmarks, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
 from sdft.rundir import RunFolder, claim_run_folder
@@ -50,48 +50,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tinker_parts(config: Config, run_dir: Path, device=None):
-    """(tokenizer, service client or None) for backend.kind=tinker: offline serves model.name locally (on
-    `device` when given); remote checks TINKER_API_KEY first and loads only the tokenizer."""
-    from sdft.backends.local import DTYPES
-    from sdft.models import load_model_and_tokenizer, load_tokenizer
-
-    if config.backend.tinker_service == "offline":
-        from sdft.build import build_offline_tinker_service
-
-        model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
-                                                    cache_dir=config.model.cache_dir)
-        if device is not None:
-            model.to(device)
-        return tokenizer, build_offline_tinker_service(config, model, tokenizer, root=run_dir / "tinker_offline")
-    from sdft.backends.tinker import require_api_key
-
-    require_api_key()
-    return load_tokenizer(config.model.name, cache_dir=config.model.cache_dir), None
-
-
 def validate_run(config: Config) -> list[str]:
     """Check a config offline without training: the model and tokenizer load (chat template present), the
-    data loads, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
-    from sdft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    data loads and encodes, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
+    from sdft.backends import preflight
 
-    lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, loss {config.loss.targets}, "
+    lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, objective {config.objective.targets}, "
              f"backend {config.backend.kind})"]
-    if config.backend.kind == "tinker" and config.backend.tinker_service == "remote":
-        import os
-
-        tokenizer = load_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
-        lines.append(f"tokenizer: ok ({config.model.name}, vocabulary {len(tokenizer)}); Tinker base model "
-                     f"{config.backend.tinker_base_model}, TINKER_API_KEY "
-                     f"{'set' if os.environ.get('TINKER_API_KEY', '').strip() else 'NOT set (training will stop)'}")
-    else:
-        model_path = resolve_model_path(config.model.name, cache_dir=config.model.cache_dir)
-        _, tokenizer = load_model_and_tokenizer(model_path, cache_dir=config.model.cache_dir)
-        lines.append(f"model: ok ({config.model.name} -> {model_path}, vocabulary {len(tokenizer)})")
+    tokenizer, model_lines = preflight(config)
+    lines += model_lines
     data = load_run_data(config)
-    encode_examples(tokenizer, data.train[:4], template=config.teacher.template,
-                    max_prompt_tokens=config.data.max_prompt_tokens)
+    encoded = encode_examples(tokenizer, data.train, template=config.teacher.template,
+                              max_prompt_tokens=config.data.max_prompt_tokens)
     lines += [f"data: ok ({note})" for note in data.notes]
+    lines.append(f"prompts: {truncation_report(encoded, config.data.max_prompt_tokens).describe()}")
     for benchmark, max_items in build_benchmarks(config, data.heldout):
         lines.append(f"benchmark {benchmark.name}: ok ({len(benchmark.items)} items"
                      + (f", first {max_items} used" if max_items else "") + ")")
@@ -131,36 +103,30 @@ def train_from_config(config: Config, *, dist: Distributed | None = None, stop_a
 
 
 def _train_in_folder(config: Config, folder: RunFolder, dist: Distributed, stop_after: int | None) -> RunResult:
-    from sdft.models import load_model_and_tokenizer
+    from sdft.backends import build_backend
 
     run_dir = folder.path
     seed_everything(config.seed)
-    if config.backend.kind == "tinker":
-        if dist.world_size > 1:
-            raise ValueError(f"backend.kind=tinker runs in one process (Tinker batches the work itself); got "
-                             f"{dist.world_size} processes: launch scripts/train.py without accelerate")
-        tokenizer, service = _tinker_parts(config, run_dir, dist.device)
-    else:
-        model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
     data = load_run_data(config)
+    steps = total_steps(len(data.train), config.optim.batch_size, config.optim.epochs, config.optim.max_steps)
+    backend = build_backend(config, steps=steps, rank=dist.rank, world_size=dist.world_size, device=dist.device,
+                            grad_sync=_gradient_averager(dist.world_size), run_dir=run_dir)
+    tokenizer = backend.tokenizer
     train = encode_examples(tokenizer, data.train, template=config.teacher.template,
                             max_prompt_tokens=config.data.max_prompt_tokens)
     benchmarks = build_benchmarks(config, data.heldout)
-    steps = total_steps(len(train), config.optim.batch_size, config.optim.epochs, config.optim.max_steps)
-    if config.backend.kind == "tinker":
-        backend = build_tinker_backend(config, tokenizer, steps=steps, service_client=service)
-    else:
-        backend = build_local_backend(config, model, tokenizer, steps=steps, device=dist.device,
-                                      grad_sync=_gradient_averager(dist.world_size), rank=dist.rank)
     make_step = sdft_step_fn if config.algorithm == "sdft" else sft_step_fn
     step_fn = make_step(config, rank=dist.rank, world_size=dist.world_size)
     if dist.world_size > 1:
         step_fn = _averaging_metrics(step_fn)
     notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
                                 + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
-    if config.backend.kind == "tinker":
-        notes.append(f"backend: Tinker ({config.backend.tinker_service} service), base model "
-                     f"{config.backend.tinker_base_model}, LoRA rank {config.backend.tinker_lora_rank}")
+    truncation = truncation_report(train, config.data.max_prompt_tokens).note
+    if truncation is not None:
+        notes.append(truncation)
+        if dist.is_main:
+            warnings.warn(truncation, stacklevel=2)
+    notes += backend.notes
     return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks, steps=steps,
                         step_fn=step_fn, run_dir=run_dir, notes=notes, is_main_process=dist.is_main,
                         stop_after=stop_after, run_folder=folder)

@@ -11,10 +11,8 @@ from sdft.loop import StepFn
 
 def sft_step_fn(config: Config, *, rank: int = 0, world_size: int = 1) -> StepFn:
     """One SFT optimizer step on this process's share (positions rank, rank + world_size, ...) of the batch."""
-    micro = config.optim.micro_batch_size
 
     def step_fn(backend, batch: Sequence[EncodedExample], step: int) -> dict:
         batch = list(batch)[rank::world_size]
-        return dict(backend.sft_step([b.student_ids for b in batch], [b.target_ids for b in batch],
-                                     micro_batch_size=micro))
+        return dict(backend.sft_step([b.student_ids for b in batch], [b.target_ids for b in batch]))
     return step_fn

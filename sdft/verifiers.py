@@ -44,6 +44,14 @@ When the label lines of a completion carry two or more distinct letters ("A: 53.
 are an echo of the options: every label line is ignored by all three fallbacks, so an echo alone gives
 no answer and a later "The answer is B" or a line "B" still does. Label lines that carry a single
 letter ("B: 55.7 mmHg") are an answer: that letter.
+
+Degenerate references are refused (ValueError), by `check_expected` at load and by the verifiers
+themselves, because they would score a completion without looking at it: a blank ``contains`` string
+(contained in every completion); a blank ``exact_match`` string (it rewards only an empty reply, which
+no benchmark means to ask for); a ``regex_match`` pattern that matches the empty string (``""``,
+``.*``, ``x?``, ``$``: it accepts an empty completion and usually every completion); a tool-use golden
+answer with no calls (every completion without a tool call would be correct) or a call with a blank
+action name (no completion could be correct).
 """
 from __future__ import annotations
 
@@ -98,11 +106,14 @@ def parse_golden_answer(golden_answer: Any) -> list[tuple[str, Any]]:
     if not isinstance(golden_answer, (list, tuple)):
         raise ValueError(f"golden_answer: got {type(golden_answer).__name__} {golden_answer!r:.80}; "
                          "expected a list of {'Action': str, 'Action_Input': JSON string}")
+    if not golden_answer:
+        raise ValueError("golden_answer: an empty list of calls would score every completion without a tool "
+                         "call as correct; expected at least one {'Action': str, 'Action_Input': JSON string}")
     calls = []
     for index, call in enumerate(golden_answer):
-        if not isinstance(call, Mapping) or not isinstance(call.get("Action"), str):
-            raise ValueError(f"golden_answer[{index}]: got {call!r:.120}; expected a dict with a string "
-                             "'Action' and an 'Action_Input' (JSON string or dict)")
+        if not isinstance(call, Mapping) or not isinstance(call.get("Action"), str) or not call["Action"].strip():
+            raise ValueError(f"golden_answer[{index}]: got {call!r:.120}; expected a dict with a non-empty "
+                             "string 'Action' and an 'Action_Input' (JSON string or dict)")
         action_input = call.get("Action_Input", "{}")
         if not isinstance(action_input, (str, Mapping)):
             raise ValueError(f"golden_answer[{index}]['Action_Input']: got "
@@ -277,7 +288,8 @@ def get_verifier(fn_name: str) -> Callable[[str, Any], bool]:
 
 
 def check_expected(fn_name: str, expected: Any) -> None:
-    """Raise ValueError if `expected` is not a valid reference for verifier `fn_name`."""
+    """Raise ValueError if `expected` is not a valid reference for verifier `fn_name` (see the module
+    docstring for the degenerate references that are refused)."""
     get_verifier(fn_name)
     if fn_name == "tool_calls_match":
         parse_golden_answer(expected)
@@ -287,16 +299,31 @@ def check_expected(fn_name: str, expected: Any) -> None:
             _compile(fn_name, option)
 
 
+_BLANK_REASONS = {
+    "contains": "every completion contains it",
+    "exact_match": "it rewards only an empty reply",
+}
+
+
 def _string_options(fn_name: str, expected: Any) -> list[str]:
     options = [expected] if isinstance(expected, str) else expected
     if not isinstance(options, (list, tuple)) or not options or not all(isinstance(o, str) for o in options):
         raise ValueError(f"{fn_name}: expected must be a string or a non-empty list of strings, "
                          f"got {type(expected).__name__} {expected!r:.80}")
+    for option in options:
+        if fn_name in _BLANK_REASONS and not option.strip():
+            raise ValueError(f"{fn_name}: expected {option!r} is blank ({_BLANK_REASONS[fn_name]}); allowed: a "
+                             "string with at least one non-space character, or a non-empty list of such strings")
     return list(options)
 
 
 def _compile(fn_name: str, pattern: str) -> re.Pattern:
     try:
-        return re.compile(pattern, re.DOTALL)
+        compiled = re.compile(pattern, re.DOTALL)
     except re.error as err:
         raise ValueError(f"{fn_name}: expected {pattern!r} is not a valid regular expression ({err})") from None
+    if compiled.search("") is not None:
+        raise ValueError(f"{fn_name}: expected {pattern!r} matches the empty string (it accepts an empty "
+                         "completion and usually every completion); allowed: a pattern that needs at least "
+                         "one character to match")
+    return compiled

@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from sdft.backends.base import (Backend, FullVocabTargets, LossSpec, Rollout, SampledTargets, SamplingParams,
-                                TopKTargets)
+from sdft.backends.base import Backend
 from sdft.backends.local import LocalBackend
+from sdft.config import ModelConfig, ObjectiveConfig, OptimConfig, StudentConfig, TeacherConfig
+from sdft.objectives import FullVocabTargets, SampledTargets, TopKTargets, build_objective
+from sdft.sampling import NativeSampler, Rollout, SamplingParams
 from tests.tiny import build_tiny_llama
 
 TEXTS = ["What is the capital of France?", "The answer is", "Action: getWeather\nAction Input: {\"city\"",
@@ -28,12 +30,26 @@ def base_model(tok, seed=0):
     return build_tiny_llama(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-def make_backend(tok, *, seed=0, model_seed=0, **kwargs):
+def make_backend(tok, *, seed=0, model_seed=0, student_mode="lora", lora_rank=4, lora_target_modules=None,
+                 teacher_mode="static", ema_alpha=0.01, sync_every=0, lr=1e-2, max_grad_norm=None,
+                 micro_batch_size=4, master_weights=True, dtype="float32", gradient_checkpointing=False, **kwargs):
     model = base_model(tok, model_seed)
-    kwargs.setdefault("lora_rank", 4)
-    kwargs.setdefault("lr", 1e-2)
-    kwargs.setdefault("max_grad_norm", None)
-    return LocalBackend(model, tok, seed=seed, **kwargs)
+    student = StudentConfig(mode=student_mode, lora_rank=lora_rank,
+                            **({"lora_target_modules": lora_target_modules} if lora_target_modules else {}))
+    teacher = TeacherConfig(mode=teacher_mode, ema_alpha=ema_alpha, sync_every=sync_every)
+    optim = OptimConfig(lr=lr, max_grad_norm=max_grad_norm, schedule="constant", warmup_ratio=0.0,
+                        micro_batch_size=micro_batch_size, batch_size=micro_batch_size, master_weights=master_weights)
+    settings = ModelConfig(dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+    return LocalBackend(model, tok, student=student, teacher=teacher, optim=optim, model_settings=settings, seed=seed,
+                        **kwargs)
+
+
+def objective(targets="full", *, topk=20, reduction="seq_mean", is_clip=None, temperature=1.0,
+              skip_first_n_tokens=3, impl="auto"):
+    """The objective of a test (is_clip off unless asked, unlike the config default)."""
+    return build_objective(ObjectiveConfig.from_dict({
+        "targets": targets, "topk": {"k": topk}, "reduction": reduction, "is_clip": is_clip,
+        "temperature": temperature, "skip_first_n_tokens": skip_first_n_tokens, "impl": impl}))
 
 
 def perturb_lora(backend, scale=0.3, seed=1):
@@ -136,8 +152,8 @@ def test_eos_stops_a_sequence_and_is_kept(tiny_tokenizer):
     batch = prompts(tiny_tokenizer)
     first_tokens = [c[0] for c in backend.generate_greedy(batch, 1)]
     eos = first_tokens[0]
-    stopper = make_backend(tiny_tokenizer, eos_token_ids=[eos])
-    greedy = stopper.generate_greedy(batch, 6)
+    stopper = NativeSampler(backend.causal_lm, tiny_tokenizer, eos_token_ids=[eos])
+    greedy = stopper.greedy(batch, 6)
     assert greedy[0] == [eos]
     rollouts = stopper.sample(batch, SamplingParams(6, temperature=1e-3))  # near-greedy sampling
     assert rollouts[0].completion_ids == (eos,) and rollouts[0].finished
@@ -163,9 +179,9 @@ def test_teacher_targets_sit_at_the_completion_positions(tiny_tokenizer):
     rollouts = _handmade_rollouts(tiny_tokenizer)
     tprompts = teacher_prompts(tiny_tokenizer)
     temperature = 0.8
-    full = backend.teacher_targets(tprompts, rollouts, LossSpec(targets="full", temperature=temperature))
-    topk = backend.teacher_targets(tprompts, rollouts, LossSpec(targets="topk", topk=5, temperature=temperature))
-    sampled = backend.teacher_targets(tprompts, rollouts, LossSpec(targets="sampled", temperature=temperature))
+    full = backend.teacher_targets(tprompts, rollouts, objective("full", temperature=temperature))
+    topk = backend.teacher_targets(tprompts, rollouts, objective("topk", topk=5, temperature=temperature))
+    sampled = backend.teacher_targets(tprompts, rollouts, objective("sampled", temperature=temperature))
     assert isinstance(full, FullVocabTargets) and isinstance(topk, TopKTargets)
     assert isinstance(sampled, SampledTargets)
     with torch.no_grad():
@@ -187,6 +203,7 @@ def test_teacher_targets_sit_at_the_completion_positions(tiny_tokenizer):
 def _reference_loss(backend, rollouts, tprompts, spec, teacher_lm):
     """The SDFT objective from materialized logits of plain forwards (independent of the backend)."""
     n = len(rollouts)
+    spec = spec.settings
     counted = [max(0, len(r.completion_ids) - spec.skip_first_n_tokens) for r in rollouts]
     total = 0.0
     for r, tp, c in zip(rollouts, tprompts, counted):
@@ -200,7 +217,7 @@ def _reference_loss(backend, rollouts, tprompts, spec, teacher_lm):
         if spec.targets == "full":
             per_token = (teacher.exp() * (teacher - student)).sum(-1)
         elif spec.targets == "topk":
-            top_lp, top_ids = teacher.topk(spec.topk, -1)
+            top_lp, top_ids = teacher.topk(spec.topk.k, -1)
             per_token = -(torch.softmax(top_lp, -1) * student.gather(-1, top_ids)).sum(-1)
         else:
             s_lp = student.gather(-1, ids[:, None])[:, 0]
@@ -234,7 +251,7 @@ def test_train_step_gradient_matches_materialized_reference(tiny_tokenizer, stud
     if student_mode == "lora":
         perturb_lora(backend)
     base = base_model(tiny_tokenizer)  # the static teacher
-    spec = LossSpec(targets=targets, reduction=reduction, topk=6, is_clip=is_clip, temperature=0.9)
+    spec = objective(targets, reduction=reduction, topk=6, is_clip=is_clip, temperature=0.9)
     rollouts = backend.sample(prompts(tiny_tokenizer), SamplingParams(9, temperature=0.9))
     tprompts = teacher_prompts(tiny_tokenizer)
     target = backend.teacher_targets(tprompts, rollouts, spec)
@@ -248,7 +265,7 @@ def test_train_step_gradient_matches_materialized_reference(tiny_tokenizer, stud
     expected, _ = capture_grads(backend, reference_backward)
     backend.model.zero_grad(set_to_none=True)
     before = {n: p.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
-    grads, metrics = capture_grads(backend, lambda: backend.train_step(rollouts, target, spec, micro_batch_size=2))
+    grads, metrics = capture_grads(backend, lambda: backend.train_step(rollouts, target, spec))
     assert set(grads) == set(expected) == set(before)
     if student_mode == "full":
         assert "lm_head.weight" in grads or "model.embed_tokens.weight" in grads
@@ -269,8 +286,8 @@ def test_train_step_gradient_matches_materialized_reference(tiny_tokenizer, stud
         assert torch.isfinite(torch.tensor(metrics[key])), key
 
 
-def _twin_backends(tok, **kwargs):
-    first, second = make_backend(tok, **kwargs), make_backend(tok, **kwargs)
+def _twin_backends(tok, micro_batch_sizes=(4, 4), **kwargs):
+    first, second = (make_backend(tok, micro_batch_size=m, **kwargs) for m in micro_batch_sizes)
     if kwargs.get("student_mode", "lora") == "lora":
         perturb_lora(first)
         perturb_lora(second)
@@ -278,26 +295,26 @@ def _twin_backends(tok, **kwargs):
 
 
 @pytest.mark.parametrize("student_mode, targets, reduction, dtype", [
-    ("lora", "full", "seq_mean", torch.float32),
-    ("lora", "full", "seq_mean", torch.float64),
-    ("lora", "topk", "token_mean", torch.float64),
-    ("full", "sampled", "sum", torch.float64),
+    ("lora", "full", "seq_mean", "float32"),
+    ("lora", "full", "seq_mean", "float64"),
+    ("lora", "topk", "token_mean", "float64"),
+    ("full", "sampled", "sum", "float64"),
 ])
 def test_gradient_accumulation_matches_one_batch(tiny_tokenizer, student_mode, targets, reduction, dtype):
-    one, many = _twin_backends(tiny_tokenizer, student_mode=student_mode, dtype=dtype)
-    spec = LossSpec(targets=targets, reduction=reduction, topk=4)
+    one, many = _twin_backends(tiny_tokenizer, (4, 1), student_mode=student_mode, dtype=dtype)
+    spec = objective(targets, reduction=reduction, topk=4)
     rollouts = one.sample(prompts(tiny_tokenizer), SamplingParams(9))
     assert len({len(r.completion_ids) for r in rollouts}) > 1 or len({len(p) for p in prompts(tiny_tokenizer)}) > 1
     target = one.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
-    g_one, m_one = capture_grads(one, lambda: one.train_step(rollouts, target, spec, micro_batch_size=4))
-    g_many, m_many = capture_grads(many, lambda: many.train_step(rollouts, target, spec, micro_batch_size=1))
+    g_one, m_one = capture_grads(one, lambda: one.train_step(rollouts, target, spec))
+    g_many, m_many = capture_grads(many, lambda: many.train_step(rollouts, target, spec))
     assert set(g_one) == set(g_many)
     # fp32: the same sums in another order (padding changes the kernels); fp64: agreement to rounding
-    atol = 1e-6 if dtype == torch.float32 else 1e-13 * max(float(g.abs().max()) for g in g_one.values())
+    atol = 1e-6 if dtype == "float32" else 1e-13 * max(float(g.abs().max()) for g in g_one.values())
     for name in g_one:
         torch.testing.assert_close(g_many[name], g_one[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     for (name, p), q in zip(one.model.named_parameters(), many.model.parameters()):
-        if dtype == torch.float64:  # (in fp32, Adam's first step lr * g / |g| can flip sign where g ~ 0)
+        if dtype == "float64":  # (in fp32, Adam's first step lr * g / |g| can flip sign where g ~ 0)
             torch.testing.assert_close(q, p, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
     for key in ("loss", "kl", "teacher_entropy", "student_entropy", "is_weight_mean", "grad_norm"):
         assert m_many[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key
@@ -306,7 +323,7 @@ def test_gradient_accumulation_matches_one_batch(tiny_tokenizer, student_mode, t
 def test_masked_first_tokens_do_not_affect_the_gradient(tiny_tokenizer):
     backend = make_backend(tiny_tokenizer)
     perturb_lora(backend)
-    spec = LossSpec(targets="full", skip_first_n_tokens=3)
+    spec = objective("full", skip_first_n_tokens=3)
     rollouts = _handmade_rollouts(tiny_tokenizer, lengths=(7, 0, 2, 10))
     target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
     gen = torch.Generator().manual_seed(0)
@@ -318,7 +335,7 @@ def test_masked_first_tokens_do_not_affect_the_gradient(tiny_tokenizer):
         return FullVocabTargets(hidden, target.weight, target.bias, target.teacher_entropy)
 
     def grads_for(t):
-        grads, _ = capture_grads(backend, lambda: backend.train_step(rollouts, t, spec, micro_batch_size=4))
+        grads, _ = capture_grads(backend, lambda: backend.train_step(rollouts, t, spec))
         return grads
 
     state = {n: p.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
@@ -343,7 +360,7 @@ def test_masked_first_tokens_do_not_affect_the_gradient(tiny_tokenizer):
 
 def test_static_teacher_stays_the_base_while_the_student_moves(tiny_tokenizer):
     backend = make_backend(tiny_tokenizer, lr=5e-2)
-    spec = LossSpec(targets="sampled", skip_first_n_tokens=0)
+    spec = objective("sampled", skip_first_n_tokens=0)
     tprompts = teacher_prompts(tiny_tokenizer)
     rollouts = backend.sample(prompts(tiny_tokenizer), SamplingParams(8))
     before = backend.teacher_targets(tprompts, rollouts, spec)
@@ -351,7 +368,7 @@ def test_static_teacher_stays_the_base_while_the_student_moves(tiny_tokenizer):
     lora_b = {n: p.detach().clone() for n, p in backend.model.named_parameters() if "lora_B.default" in n}
     assert all(torch.count_nonzero(p) == 0 for p in lora_b.values())
     for step in (1, 2):  # LoRA B is zero at first, so A only moves from the second step on
-        backend.train_step(rollouts, backend.teacher_targets(tprompts, rollouts, spec), spec, micro_batch_size=4)
+        backend.train_step(rollouts, backend.teacher_targets(tprompts, rollouts, spec), spec)
         backend.update_teacher(step)
     after = backend.teacher_targets(tprompts, rollouts, spec)
     for x, y in zip(before.teacher_logprobs, after.teacher_logprobs):
@@ -367,10 +384,9 @@ def test_ema_teacher_moves_by_exactly_alpha(tiny_tokenizer):
     params = dict(backend.model.named_parameters())
     pairs = {n: n.replace(".default.", ".teacher.") for n in params if ".default." in n}
     phi0 = {t: params[t].detach().double().clone() for t in pairs.values()}
-    spec = LossSpec(targets="topk", topk=5)
+    spec = objective("topk", topk=5)
     rollouts = backend.sample(prompts(tiny_tokenizer), SamplingParams(8))
-    backend.train_step(rollouts, backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec,
-                       micro_batch_size=2)
+    backend.train_step(rollouts, backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec)
     backend.update_teacher(1)
     for s, t in pairs.items():
         expected = 0.9 * phi0[t] + 0.1 * params[s].detach().double()
@@ -380,7 +396,7 @@ def test_ema_teacher_moves_by_exactly_alpha(tiny_tokenizer):
 
 
 def test_sft_step_is_token_mean_cross_entropy(tiny_tokenizer):
-    one, many = _twin_backends(tiny_tokenizer)
+    one, many = _twin_backends(tiny_tokenizer, (4, 1))
     batch = prompts(tiny_tokenizer)
     targets = [tiny_tokenizer.encode(t) + [tiny_tokenizer.eos_token_id] for t in (" Paris", " B", " 42 is it", "x")]
     holder = {}
@@ -396,7 +412,7 @@ def test_sft_step_is_token_mean_cross_entropy(tiny_tokenizer):
 
     expected, _ = capture_grads(one, reference)
     one.model.zero_grad(set_to_none=True)
-    got, metrics = capture_grads(many, lambda: many.sft_step(batch, targets, micro_batch_size=1))
+    got, metrics = capture_grads(many, lambda: many.sft_step(batch, targets))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert metrics["loss"] == pytest.approx(float(holder["loss"]), rel=1e-5)
@@ -407,11 +423,11 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_tokenizer):
     plain, ckpt = make_backend(tiny_tokenizer), make_backend(tiny_tokenizer, gradient_checkpointing=True)
     perturb_lora(plain)
     perturb_lora(ckpt)
-    spec = LossSpec(targets="full")
+    spec = objective("full")
     rollouts = plain.sample(prompts(tiny_tokenizer), SamplingParams(8))
     target = plain.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
-    g_plain, _ = capture_grads(plain, lambda: plain.train_step(rollouts, target, spec, micro_batch_size=2))
-    g_ckpt, _ = capture_grads(ckpt, lambda: ckpt.train_step(rollouts, target, spec, micro_batch_size=2))
+    g_plain, _ = capture_grads(plain, lambda: plain.train_step(rollouts, target, spec))
+    g_ckpt, _ = capture_grads(ckpt, lambda: ckpt.train_step(rollouts, target, spec))
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -421,12 +437,12 @@ def test_bfloat16_training_runs(tiny_tokenizer, student_mode, teacher_mode):
     backend = make_backend(tiny_tokenizer, dtype="bfloat16", student_mode=student_mode, teacher_mode=teacher_mode,
                            sync_every=1, gradient_checkpointing=True, max_grad_norm=1.0)
     assert backend.model.get_output_embeddings().weight.dtype == torch.bfloat16
-    spec = LossSpec(targets="full", is_clip=2.0)
+    spec = objective("full", is_clip=2.0)
     rollouts = backend.sample(prompts(tiny_tokenizer), SamplingParams(6))
     target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
     assert target.hidden[0].dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
-    metrics = backend.train_step(rollouts, target, spec, micro_batch_size=2)
+    metrics = backend.train_step(rollouts, target, spec)
     backend.update_teacher(1)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert any(not torch.equal(p, before[n]) for n, p in backend.model.named_parameters() if n in before)
@@ -436,7 +452,7 @@ def test_full_bf16_training_steps_fp32_masters(tiny_tokenizer):
     """Full fine-tuning in bf16: the optimizer holds fp32 masters, the model their rounded values, the
     checkpoint the masters; with master_weights=False, steps smaller than half a bf16 rounding step are lost
     and far fewer weights move."""
-    spec = LossSpec(targets="full")
+    spec = objective("full")
     moved = {}
     for masters in (True, False):
         backend = make_backend(tiny_tokenizer, dtype="bfloat16", student_mode="full", lr=1e-5, seed=2,
@@ -446,7 +462,7 @@ def test_full_bf16_training_steps_fp32_masters(tiny_tokenizer):
         target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
         before = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
         for _ in range(4):  # one step rounds alike either way; the masters keep what later steps add
-            backend.train_step(rollouts, target, spec, micro_batch_size=4)
+            backend.train_step(rollouts, target, spec)
         state = backend.state_tensors()["student"]
         changed = [float((p.detach() != before[n]).float().mean()) for n, p in backend.model.named_parameters()
                    if p.dim() == 2]
@@ -465,12 +481,11 @@ def test_full_bf16_training_steps_fp32_masters(tiny_tokenizer):
 
 
 def test_full_bf16_with_masters_resumes_exactly(tiny_tokenizer):
-    spec = LossSpec(targets="full")
+    spec = objective("full")
     kwargs = dict(dtype="bfloat16", student_mode="full", teacher_mode="ema", lr=1e-4)
     first = make_backend(tiny_tokenizer, seed=5, **kwargs)
     rollouts = first.sample(prompts(tiny_tokenizer), SamplingParams(6))
-    first.train_step(rollouts, first.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec,
-                     micro_batch_size=4)
+    first.train_step(rollouts, first.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec)
     first.update_teacher(1)
     state = {g: {k: v.clone() for k, v in d.items()} for g, d in first.state_tensors().items()}
     opt_state = copy.deepcopy(first.optimizer_state())
@@ -479,19 +494,17 @@ def test_full_bf16_with_masters_resumes_exactly(tiny_tokenizer):
     second.load_optimizer_state(opt_state)
     for backend in (first, second):
         r = backend.sample(prompts(tiny_tokenizer), SamplingParams(6))
-        backend.train_step(r, backend.teacher_targets(teacher_prompts(tiny_tokenizer), r, spec), spec,
-                           micro_batch_size=4)
+        backend.train_step(r, backend.teacher_targets(teacher_prompts(tiny_tokenizer), r, spec), spec)
     a, b = first.state_tensors()["student"], second.state_tensors()["student"]
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), second.model.parameters()))
 
 
 def test_checkpoint_state_round_trip_resumes_exactly(tiny_tokenizer):
-    spec = LossSpec(targets="topk", topk=4)
+    spec = objective("topk", topk=4)
     first = make_backend(tiny_tokenizer, teacher_mode="ema", seed=5)
     rollouts = first.sample(prompts(tiny_tokenizer), SamplingParams(6))
-    first.train_step(rollouts, first.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec,
-                     micro_batch_size=4)
+    first.train_step(rollouts, first.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec), spec)
     first.update_teacher(1)
     state = {g: {k: v.clone() for k, v in d.items()} for g, d in first.state_tensors().items()}
     opt_state = first.optimizer_state()
@@ -502,7 +515,7 @@ def test_checkpoint_state_round_trip_resumes_exactly(tiny_tokenizer):
     for backend in (first, second):
         r = backend.sample(prompts(tiny_tokenizer), SamplingParams(6))
         t = backend.teacher_targets(teacher_prompts(tiny_tokenizer), r, spec)
-        runs.append((r, backend.train_step(r, t, spec, micro_batch_size=4)["loss"]))
+        runs.append((r, backend.train_step(r, t, spec)["loss"]))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-6)
     for (n, p), q in zip(first.model.named_parameters(), second.model.parameters()):
@@ -512,28 +525,28 @@ def test_checkpoint_state_round_trip_resumes_exactly(tiny_tokenizer):
 
 
 def test_bad_arguments_raise_value_errors(tiny_tokenizer):
-    with pytest.raises(ValueError, match="student_mode"):
-        make_backend(tiny_tokenizer, student_mode="qlora")
+    with pytest.raises(ValueError, match="student.mode|mode"):
+        StudentConfig.from_dict({"mode": "qlora"})
     with pytest.raises(ValueError, match="lora_target_modules"):
         make_backend(tiny_tokenizer, lora_target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="dtype"):
-        make_backend(tiny_tokenizer, dtype="float8")
+        ModelConfig.from_dict({"dtype": "float8"})
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        OptimConfig.from_dict({"micro_batch_size": 0})
     backend = make_backend(tiny_tokenizer)
     rollouts = _handmade_rollouts(tiny_tokenizer)
-    spec = LossSpec(targets="sampled")
+    spec = objective("sampled")
     target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        backend.train_step(rollouts, target, spec, micro_batch_size=0)
     with pytest.raises(ValueError, match="TopKTargets"):
-        backend.train_step(rollouts, target, LossSpec(targets="topk"), micro_batch_size=1)
+        backend.train_step(rollouts, target, objective("topk"))
     with pytest.raises(ValueError, match="one entry per rollout"):
-        backend.train_step(rollouts[:2], target, spec, micro_batch_size=1)
+        backend.train_step(rollouts[:2], target, spec)
     with pytest.raises(ValueError, match="teacher_prompt_ids"):
         backend.teacher_targets(teacher_prompts(tiny_tokenizer)[:1], rollouts, spec)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(0)
     with pytest.raises(ValueError, match="reduction"):
-        LossSpec(reduction="mean")
+        ObjectiveConfig.from_dict({"reduction": "mean"})
     with pytest.raises(ValueError, match="sampler_logprobs"):
         Rollout((1,), (2, 3), (0.0,), False)
 
@@ -542,28 +555,21 @@ def test_bad_arguments_raise_value_errors(tiny_tokenizer):
 @pytest.mark.parametrize("student_mode", ["lora", "full"])
 def test_cuda_bf16_train_step_matches_the_chunked_path(tiny_tokenizer, student_mode):
     """On CUDA, impl="auto" (Triton when importable) gives the gradient of the portable chunked path."""
-    first, second = (make_backend(tiny_tokenizer, student_mode=student_mode, device="cuda", dtype="bfloat16")
-                     for _ in range(2))
+    first, second = (make_backend(tiny_tokenizer, student_mode=student_mode, device="cuda", dtype="bfloat16",
+                                  micro_batch_size=2) for _ in range(2))
     rollouts = first.sample(prompts(tiny_tokenizer), SamplingParams(8))
     grads = []
     for backend, impl in ((first, "auto"), (second, "chunked")):
-        spec = LossSpec(targets="full", impl=impl)
+        spec = objective("full", impl=impl)
         target = backend.teacher_targets(teacher_prompts(tiny_tokenizer), rollouts, spec)
-        grads.append(capture_grads(backend, lambda: backend.train_step(rollouts, target, spec,
-                                                                       micro_batch_size=2))[0])
+        grads.append(capture_grads(backend, lambda: backend.train_step(rollouts, target, spec))[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name].float(), grads[1][name].float(), rtol=2e-2, atol=1e-4)
 
 
 def test_per_prompt_seeds_make_sampling_independent_of_batching(tiny_tokenizer):
     """With seeds, a prompt's completion depends on its seed only: not on the other prompts in the batch."""
-    from sdft.backends.base import SamplingParams
-    from sdft.backends.local import LocalBackend
-    from tests.tiny import build_tiny_llama
-
-    model = build_tiny_llama(len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id,
-                             pad_token_id=tiny_tokenizer.pad_token_id)
-    backend = LocalBackend(model, tiny_tokenizer, teacher_mode="static", lora_rank=4)
+    backend = make_backend(tiny_tokenizer)
     prompts = [tiny_tokenizer(text)["input_ids"] for text in ("What is", "The capital of France is Paris", "0 1 2")]
     params = SamplingParams(max_new_tokens=12)
     together = backend.sample(prompts, params, seeds=[11, 22, 33])

@@ -1,10 +1,15 @@
-"""Smoke tests of scripts/bench_step.py on the tiny random Llama: 1 timed step, 2 prompts, 4 new tokens."""
+"""Smoke tests of scripts/bench_step.py (sdft.bench.step_bench) on the tiny random Llama: 1 timed step, 2
+prompts, 4 new tokens."""
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from sdft.bench.availability import TRL_MISSING
+from sdft.bench.step_report import COLUMN_TITLES, ROWS
+from sdft.bench.trl_column import trl_teacher_template
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
 
@@ -21,12 +26,12 @@ def _argv(model_dir, *extra):
     return ["--model", model_dir, "--prompts", "2", "--new-tokens", "4", "--repeats", "1", *extra]
 
 
-def _check_table(bench_step, out, columns):
+def _check_table(out, columns):
     lines = out["table"].splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == [""] + [bench_step.COLUMN_TITLES[c] for c in columns]
+    assert header == [""] + [COLUMN_TITLES[c] for c in columns]
     titles = [line.split("|")[1].strip() for line in lines[2:]]
-    assert titles == [title for _, title, _ in bench_step.ROWS]
+    assert titles == [title for _, title, _ in ROWS]
     for column in columns:
         summary = out["summaries"][column]
         assert summary["total_s"] > 0 and summary["student_s"] > 0
@@ -37,7 +42,7 @@ def _check_table(bench_step, out, columns):
 
 def test_in_process_without_trl(bench_step, tiny_model_dir, capsys):
     out = bench_step.main(_argv(tiny_model_dir, "--in-process", "--skip-trl"))
-    _check_table(bench_step, out, ["sdft", "sft", "sft_len"])
+    _check_table(out, ["sdft", "sft", "sft_len"])
     sdft = out["summaries"]["sdft"]
     assert sdft["sample_s"] > 0 and sdft["teacher_s"] > 0 and sdft["optimizer_s"] > 0
     assert sdft["completion_tokens"] <= 2 * 4
@@ -54,8 +59,8 @@ def test_in_process_without_trl(bench_step, tiny_model_dir, capsys):
 def test_trl_missing_is_reported(bench_step, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "trl", None)
     out = bench_step.main(_argv(tiny_model_dir, "--in-process", "--columns", "sft,trl"))
-    assert out["notes"] == {"trl": bench_step.TRL_MISSING}
-    assert bench_step.TRL_MISSING in capsys.readouterr().out
+    assert out["notes"] == {"trl": TRL_MISSING}
+    assert TRL_MISSING in capsys.readouterr().out
     lines = out["table"].splitlines()
     assert [cell.strip() for cell in lines[0].strip("|").split("|")] == ["", "SFT (demonstration)", "TRL SDFTTrainer"]
     assert all(line.endswith("| n/a |") for line in lines[2:])
@@ -66,7 +71,7 @@ def test_trl_column(bench_step, tiny_model_dir):
     pytest.importorskip("trl.experimental.sdft")
     out = bench_step.main(_argv(tiny_model_dir, "--in-process", "--columns", "sdft,trl"))
     assert not out["notes"], out["notes"]
-    _check_table(bench_step, out, ["sdft", "trl"])
+    _check_table(out, ["sdft", "trl"])
     assert out["summaries"]["trl"]["sample_s"] > 0
     assert out["ratios"]["trl/sdft"] > 0
 
@@ -74,13 +79,13 @@ def test_trl_column(bench_step, tiny_model_dir):
 def test_worker_subprocess(bench_step, tiny_model_dir, tmp_path):
     json_path = tmp_path / "bench.json"
     out = bench_step.main(_argv(tiny_model_dir, "--columns", "sft", "--threads", "1", "--json", str(json_path)))
-    _check_table(bench_step, out, ["sft"])
+    _check_table(out, ["sft"])
     assert out["memory"]["sft"]["loaded_rss_mib"] > 0
     assert json.loads(json_path.read_text())["table"] == out["table"]
 
 
-def test_trl_teacher_template_matches_sdft(bench_step):
+def test_trl_teacher_template_matches_sdft():
     from sdft.prompts import render_teacher_content
 
-    template = bench_step.trl_teacher_template("official")
+    template = trl_teacher_template("official")
     assert template.format(prompt="Q?", privileged_context="A.") == render_teacher_content("Q?", "A.", "official")

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,61 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ValueError, match=message) as info:
         load_jsonl_examples(path)
     assert f"{path}:3" in str(info.value)
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"inputs": {"question": "x"}, "expected": ""}, "field 'expected'", "is blank"),
+    ({"inputs": {"question": "x"}, "expected": "  \n"}, "field 'expected'", "is blank"),
+    ({"inputs": {"question": "x"}, "expected": None}, "field 'expected'", "is null .*the text 'null'"),
+    ({"inputs": {"question": "x"}, "expected": []}, "field 'expected'", "is an empty list"),
+    ({"inputs": {"question": "x"}, "expected": ["eyas", " "]}, r"field 'expected'\[1\]", "is blank"),
+    ({"inputs": {"question": "x"}, "expected": "y", "demonstration": ""}, "field 'demonstration'", "is blank"),
+    ({"inputs": {"question": "x"}, "expected": "y", "demonstration": None}, "field 'demonstration'", "is null"),
+    ({"inputs": {"question": "x"}, "expected": "y", "demonstration": {}}, "field 'demonstration'",
+     "is an empty dict"),
+    ({"inputs": {"question": ""}, "expected": "y"}, "field 'inputs.question'", "is blank"),
+    ({"inputs": {"question": " \t"}, "expected": "y"}, "field 'inputs.question'", "is blank"),
+    ({"inputs": {"question": None}, "expected": "y"}, "field 'inputs.question'", "is null"),
+])
+def test_jsonl_degenerate_rows_are_refused_with_file_line_and_field(tmp_path, row, field, problem):
+    good = json.dumps({"inputs": {"question": "fine"}, "expected": "ok"})
+    path = write_lines(tmp_path / "bad.jsonl", [good, json.dumps(row)])
+    with pytest.raises(ValueError, match=f"{field} {problem}.*allowed: ") as info:
+        load_jsonl_examples(path)
+    assert str(info.value).startswith(f"{path}:2: ")
+
+
+def test_jsonl_blank_question_is_refused_through_a_template_too(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [json.dumps({"inputs": {"question": "", "topic": "math"},
+                                                          "expected": "4"})])
+    with pytest.raises(ValueError, match=r":1: field 'inputs.question' is blank, so the user turn rendered by "
+                                         r"user_template 'Q: \{question\}\\nA:' holds no question"):
+        load_jsonl_examples(path, user_template="Q: {question}\nA:")
+    # a blank optional field beside a real question is fine
+    (example,) = load_jsonl_examples(path, user_template="{question}[{topic}]")
+    assert example.messages[-1]["content"] == "[math]"
+    with pytest.raises(ValueError, match=":1: field 'inputs.question' is blank"):
+        load_jsonl_examples(path, user_template="{question}")
+
+
+def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"inputs": {"question": "fine"}, "expected": "ok"}).encode()
+    path.write_bytes(good + b"\n" + '{"inputs": {"question": "caf\u00e9"}, "expected": "x"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9 at column 29\)"):
+        load_jsonl_examples(path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert load_jsonl_examples(bom)[0].answer == "ok"
+
+
+def test_prompt_example_refuses_blank_turn_and_demonstration():
+    with pytest.raises(ValueError, match="example 'x': demonstration is blank"):
+        PromptExample(id="x", messages=({"role": "user", "content": "q"},), demonstration=" ")
+    with pytest.raises(ValueError, match="example 'x': the user turn is blank"):
+        PromptExample(id="x", messages=({"role": "user", "content": ""},), demonstration="d")
+    with pytest.raises(ValueError, match="example 'x': demonstration must be text, got int"):
+        PromptExample(id="x", messages=({"role": "user", "content": "q"},), demonstration=3)
 
 
 def test_jsonl_empty_and_missing_files(tmp_path):
@@ -165,6 +221,57 @@ def test_science_bad_rows(tmp_path):
     assert load_science(folder)[0].answer is None
     with pytest.raises(ValueError, match="thinking_format"):
         load_science(folder, thinking_format=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(golden_answer=[]), r"row 1: column 'golden_answer': golden_answer: an empty list of "
+                                           r"calls would score every completion without a tool call as correct"),
+    (lambda r: r.update(golden_answer=[{"Action": " ", "Action_Input": "{}"}]),
+     r"row 1: column 'golden_answer': golden_answer\[0\].*non-empty string 'Action'"),
+    (lambda r: r.update(golden_response=[]), r"row 1: column 'golden_response' \(the demonstration\) is blank"),
+    (lambda r: r.update(golden_response=["", "  "]), r"row 1: column 'golden_response' \(the demonstration\)"),
+    (lambda r: r.update(prompt="  "), r"row 1: column 'prompt' \(the question\) is blank"),
+])
+def test_tooluse_degenerate_rows_name_row_and_column(tmp_path, change, message):
+    rows = [tooluse_row("Weather", f"q{i}", [("getWeather", {"city": "Paris"})], ["Action: getWeather"])
+            for i in range(2)]
+    change(rows[1])
+    folder = save_rows(tmp_path / "tool", rows)
+    with pytest.raises(ValueError, match=message) as info:
+        load_tooluse(folder)
+    assert str(info.value).startswith(f"{folder} row 1: ")
+
+
+def test_science_degenerate_rows_name_row_and_column(tmp_path):
+    rows = science_train_rows()
+    rows[1]["output_text"] = " "
+    folder = save_rows(tmp_path / "train", rows)
+    with pytest.raises(ValueError, match=r"row 1: column 'output_text' \(the demonstration\) is blank") as info:
+        load_science(folder)
+    assert str(info.value).startswith(f"{folder} row 1: ")
+    rows = science_train_rows()
+    rows[0]["messages"][1]["content"] = ""
+    folder = save_rows(tmp_path / "train2", rows)
+    with pytest.raises(ValueError, match=r"row 0 'messages': the user turn's content \(the question\) is blank"):
+        load_science(folder)
+    evals = [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "\n"}], "answer": "A"}]
+    folder = save_rows(tmp_path / "eval", evals)
+    with pytest.raises(ValueError, match=r"row 0 'prompt': the user turn's content \(the question\) is blank") as info:
+        load_science(folder)
+    assert str(info.value).startswith(f"{folder} row 0 'prompt'")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"q": "", "a": "4"}, r"row 1: column 'q' is blank, so the user turn"),
+    ({"q": None, "a": "4"}, r"row 1: column 'q' is null"),
+    ({"q": "2+2?", "a": ""}, r"row 1: column 'a' \(the answer\) is blank"),
+    ({"q": "2+2?", "a": None}, r"row 1: column 'a' \(the answer\) is null"),
+])
+def test_hf_degenerate_rows_name_row_and_column(tmp_path, row, message):
+    folder = save_rows(tmp_path / "rows", [{"q": "1+1?", "a": "2"}, row])
+    with pytest.raises(ValueError, match=message) as info:
+        load_hf_dataset(str(folder), None, "q", "a")
+    assert str(info.value).startswith(f"{folder} row 1: ")
 
 
 # ------------------------------------------------------------------------------------------ HF datasets

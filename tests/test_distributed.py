@@ -25,7 +25,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     args = [f"model.name={tiny_model_dir}", f"data.path={data}", f"output_dir={tmp_path / 'runs'}",
             "optim.batch_size=4", "optim.micro_batch_size=1", "optim.max_steps=3", "optim.lr=1e-2",
             "generation.max_new_tokens=8", "logging.tensorboard=false", "logging.progress=false",
-            "student.lora_rank=4", "teacher.mode=ema", "loss.skip_first_n_tokens=1", "eval.before_training=false"]
+            "student.lora_rank=4", "teacher.mode=ema", "objective.skip_first_n_tokens=1", "eval.before_training=false"]
     train = [str(REPO / "scripts" / "train.py"), "--config", "/dev/null"]
     one = subprocess.run([sys.executable, *train, *args, "run_name=one"], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -22,7 +22,7 @@ def _completions(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("overrides", [
     ("student.mode=lora", "teacher.mode=ema"),
-    ("student.mode=full", "teacher.mode=static", "loss.targets=topk", "loss.topk=5"),
+    ("student.mode=full", "teacher.mode=static", "objective.targets=topk", "objective.topk.k=5"),
 ])
 def test_run_student_and_base_model_reproduce_the_runs_own_evaluations(tmp_path, tiny_model_dir, overrides):
     config = _config(tmp_path, tiny_model_dir, "optim.lr=5e-2", "eval.benchmarks=[{name: bench, kind: tasks, path: "
@@ -61,8 +61,9 @@ def test_checkpoint_choice_overrides_and_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_run_student(bare)
     tinker = dataclasses.replace(config.backend, kind="tinker", tinker_base_model="Qwen/Qwen3-8B")
-    topk = dataclasses.replace(config.loss, targets="topk")
-    dump_config(dataclasses.replace(config, backend=tinker, loss=topk), bare / "config.yaml")
+    topk = dataclasses.replace(config.objective, targets="topk")
+    teacher = dataclasses.replace(config.teacher, mode="static")
+    dump_config(dataclasses.replace(config, backend=tinker, objective=topk, teacher=teacher), bare / "config.yaml")
     with pytest.raises(ValueError, match="only local runs"):
         load_run_student(bare)
     with pytest.raises(ValueError, match="eval.benchmarks is empty"):

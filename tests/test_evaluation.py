@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sdft.evaluation import (Benchmark, EvalItem, EvalResult, benchmark_from_examples, evaluate,
-                             hf_greedy_generate, load_task_benchmark)
+                             load_task_benchmark)
 from sdft.prompts import render_prompt_ids
+from sdft.sampling import NativeSampler
 from sdft.stats import wilson_interval
 from sdft.verifiers import render_tool_calls
 
@@ -85,6 +86,37 @@ def test_load_task_benchmark_errors_name_file_and_line(tmp_path, line, message):
     folder = _write_tasks(tmp_path / "bench", [_task("first", "q", "contains", "x"), line])
     with pytest.raises(ValueError, match=message):
         load_task_benchmark(folder)
+
+
+@pytest.mark.parametrize("fn_name, expected, problem", [
+    ("contains", "", r"contains: expected '' is blank \(every completion contains it\); allowed: a string"),
+    ("contains", ["Berlin", ""], r"contains: expected '' is blank"),
+    ("exact_match", "  ", r"exact_match: expected '  ' is blank \(it rewards only an empty reply\)"),
+    ("regex_match", "", r"regex_match: expected '' matches the empty string .*allowed: a pattern"),
+    ("regex_match", r"\d*", r"regex_match: expected '\\\\d\*' matches the empty string"),
+    ("tool_calls_match", [], r"golden_answer: an empty list of calls .*expected at least one"),
+])
+def test_degenerate_expected_is_refused_at_load_with_file_line_and_field(tmp_path, fn_name, expected, problem):
+    folder = _write_tasks(tmp_path / "bench", [_task("first", "q", "contains", "x"),
+                                               _task("second", "q", fn_name, expected)])
+    with pytest.raises(ValueError, match=rf"tasks\.jsonl:2: field 'verifier\.expected': {problem}"):
+        load_task_benchmark(folder)
+
+
+def test_tasks_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    good = json.dumps(_task("a", "q", "contains", "x")).encode()
+    bad = json.dumps(_task("b", "Caf\u00e9?", "contains", "x"), ensure_ascii=False).encode("latin-1")
+    (folder / "tasks.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=r"tasks\.jsonl:2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_task_benchmark(folder)
+
+
+def test_benchmark_from_examples_refuses_a_blank_generic_answer():
+    example = SimpleNamespace(id="g", task="generic", answer=" ", messages=_user("q"))
+    with pytest.raises(ValueError, match=r"benchmark 'b', example 'g': contains: expected ' ' is blank"):
+        benchmark_from_examples("b", [example])
 
 
 def test_load_task_benchmark_missing_or_empty(tmp_path):
@@ -192,7 +224,7 @@ def test_evaluate_max_items_and_prompt_truncation(tiny_tokenizer):
 def test_evaluate_in_chunks_reports_progress_and_keeps_the_order(tiny_model, tiny_tokenizer):
     items = tuple(EvalItem(f"c{k}", _user(f"Question {k}: " + "word " * k), lambda text: True, None)
                   for k in range(7))
-    generate = hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=1)
+    generate = NativeSampler(tiny_model, tiny_tokenizer, batch_size=1).greedy
     calls, done = [], []
 
     def recording(prompts, n):
@@ -214,7 +246,7 @@ def test_evaluate_on_tiny_model_with_known_verifiers(tmp_path, tiny_model, tiny_
         ("Action: getWeather", lambda text: False, "never"),
         ("The answer is", lambda text: isinstance(text, str), "str"),
     ]))
-    generate = hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=2)
+    generate = NativeSampler(tiny_model, tiny_tokenizer, batch_size=2).greedy
     path = tmp_path / "preds.jsonl"
     result = evaluate(Benchmark("tiny", items, max_new_tokens=6), generate, tiny_tokenizer, predictions_path=path)
     assert result.per_item == [True, False, True]
@@ -249,78 +281,3 @@ def test_evaluate_real_tooluse_gold_answers_through_the_whole_path(tmp_path, tin
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert [row["completion"] for row in rows] == answers
         assert rows[0]["reference"] == examples[0].answer
-
-
-# -------------------------------------------------------------------------------------- generation
-def _oracle_greedy(model, prompt, max_new_tokens, eos_id):
-    """Greedy decoding by full recomputation, one prompt at a time, no padding and no cache."""
-    ids = list(prompt)
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            token = int(logits.argmax())
-            out.append(token)
-            ids.append(token)
-            if token == eos_id:
-                break
-    return out
-
-
-def _prompts(tokenizer):
-    questions = ["Hi", "What is the capital of France? Answer in one word please.",
-                 "Action: getWeather", "<reasoning>\nThe molecule is polar.\n</reasoning>", "B"]
-    return [render_prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-
-
-def _prompt_sensitive_model(tokenizer):
-    """The tiny Llama with its matrices scaled up: at the default init scale its greedy output barely
-    depends on the prompt, which would hide padding and masking errors."""
-    from tests.tiny import build_tiny_llama
-
-    model = build_tiny_llama(len(tokenizer), tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.mul_(10.0)
-    return model
-
-
-def test_greedy_matches_oracle_and_batching_is_invariant(tiny_tokenizer):
-    model = _prompt_sensitive_model(tiny_tokenizer)
-    prompts = _prompts(tiny_tokenizer)
-    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
-    expected = [_oracle_greedy(model, p, 10, tiny_tokenizer.eos_token_id) for p in prompts]
-    assert len({tuple(c) for c in expected}) == len(expected)  # the outputs depend on the prompt
-    for batch_size in (1, 2, 8):
-        assert hf_greedy_generate(model, tiny_tokenizer, batch_size=batch_size)(prompts, 10) == expected
-
-
-def test_greedy_on_default_tiny_model_is_batch_invariant(tiny_model, tiny_tokenizer):
-    prompts = _prompts(tiny_tokenizer)
-    single = hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=1)(prompts, 6)
-    assert hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=3)(prompts, 6) == single
-    assert all(len(c) == 6 for c in single)
-
-
-def test_generation_stops_at_eos_and_drops_padding(tiny_tokenizer):
-    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
-    model = _prompt_sensitive_model(tiny_tokenizer)
-    prompts = _prompts(tiny_tokenizer)
-    expected = [_oracle_greedy(model, p, 10, eos) for p in prompts]
-    stopped = [c for c in expected if c[-1] == eos]
-    assert stopped and len(stopped) < len(expected)  # some items stop early, others run to the limit
-    assert all(len(c) == 10 or c[-1] == eos for c in expected)
-    model.train()
-    got = hf_greedy_generate(model, tiny_tokenizer, batch_size=len(prompts))(prompts, 10)
-    assert got == expected
-    assert all(c.count(eos) <= 1 and pad not in c for c in got)
-    assert model.training  # the caller's mode is restored
-
-
-def test_hf_greedy_generate_errors(tiny_model, tiny_tokenizer):
-    with pytest.raises(ValueError, match="batch_size"):
-        hf_greedy_generate(tiny_model, tiny_tokenizer, batch_size=0)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        hf_greedy_generate(tiny_model, tiny_tokenizer)([[5], []], 3)

@@ -2,6 +2,7 @@
 reports, run end to end on a tiny model (real training, evaluation, export and reload)."""
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
         f"model: {{name: {model_dir}}}",
         "student: {mode: lora, lora_rank: 4}",
         "teacher: {mode: static}",
-        "loss: {skip_first_n_tokens: 1}",
+        "objective: {skip_first_n_tokens: 1}",
         "optim: {lr: 1.0e-3, schedule: constant, warmup_ratio: 0.0, batch_size: 2, micro_batch_size: 2, max_steps: 1}",
         "generation: {max_new_tokens: 6, batch_size: 4}",
         "data: {kind: tooluse, path: unused}",
@@ -52,8 +53,8 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
     if kind == "ablation":
         body = ("name: abl\ntrain_task: tool\nreference: topk\ncolumns: {kl: KL, ema: EMA}\n" + tasks +
                 "methods:\n"
-                "  topk: {kl: Top-K, ema: 'no', overrides: [loss.targets=topk, loss.topk=5]}\n"
-                "  full_ema: {kl: Full, ema: 'yes', overrides: [loss.targets=full, teacher.mode=ema]}\n"
+                "  topk: {kl: Top-K, ema: 'no', overrides: [objective.targets=topk, objective.topk.k=5]}\n"
+                "  full_ema: {kl: Full, ema: 'yes', overrides: [objective.targets=full, teacher.mode=ema]}\n"
                 "  sft: {kl: SFT, ema: n/a, overrides: [algorithm=sft]}\n"
                 "seeds: [0, 1]\n"
                 "presets:\n  small: {methods: [topk, sft], notes: [small preset]}\n")
@@ -61,7 +62,7 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
         body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\n" + tasks +
                 "methods:\n"
                 "  sft: {label: SFT, overrides: [algorithm=sft]}\n"
-                "  sdft_topk: {label: SDFT top-K, overrides: [loss.targets=topk, loss.topk=5]}\n"
+                "  sdft_topk: {label: SDFT top-K, overrides: [objective.targets=topk, objective.topk.k=5]}\n"
                 "seeds: [0]\n")
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(f"config: {run_config}\n" + body)
@@ -96,7 +97,7 @@ def test_ablation_end_to_end_table_and_resume(tmp_path, tiny_model_dir):
     assert len(result["scores"]["tool"]) == 3 and len(result["scores"]["sci"]) == 3  # 1 of 4 APIs, 30% of 10
     assert any(line.startswith("[cell 2/5] topk_seed0") and "time left" in line for line in lines)
     seed0 = (root / "cells" / "topk_seed0" / "config.yaml").read_text()
-    assert "seed: 0" in seed0 and "resume: true" in seed0 and "topk: 5" in seed0
+    assert "seed: 0" in seed0 and "resume: true" in seed0 and "k: 5" in seed0
     assert "before_training: false" in seed0
 
     # a rerun trains nothing; a removed result reruns only that cell (resuming from its checkpoint)
@@ -241,7 +242,7 @@ def test_exported_lora_student_equals_the_trained_model(tmp_path, tiny_model_dir
     """The merged export computes the same logits as the LoRA student it came from."""
     import torch
 
-    from sdft.build import build_local_backend
+    from sdft.backends import build_backend
     from sdft.checkpoint import latest_checkpoint, load_checkpoint
     from sdft.config import load_config
     from sdft.export import export_student
@@ -253,7 +254,7 @@ def test_exported_lora_student_equals_the_trained_model(tmp_path, tiny_model_dir
     out = export_student(run_dir, tmp_path / "exported")
     config = load_config(run_dir / "config.yaml")
     model, tokenizer = load_model_and_tokenizer(config.model.name)
-    backend = build_local_backend(config, model, tokenizer, steps=1)
+    backend = build_backend(config, steps=1, model=model, tokenizer=tokenizer)
     backend.load_state_tensors(load_checkpoint(latest_checkpoint(run_dir)).tensors)
     merged, _ = load_model_and_tokenizer(str(out))
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
@@ -292,6 +293,31 @@ def test_spec_errors_name_the_key(tmp_path, mutate, message):
         load_spec(path)
 
 
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.replace("seeds: [0, 1]", "seedz: [0, 1]"), r"unknown key 'seedz' \(did you mean 'seeds'\?\)"),
+    (lambda s: s.replace("reference: topk", "referense: topk"),
+     r"unknown key 'referense' \(did you mean 'reference'\?\)"),
+    (lambda s: s + "flavour: mint\n", r"unknown key 'flavour'; allowed: \['columns', 'config', "),
+    (lambda s: s.replace("split: api,", "split: api, test_fration: 0.2,"),
+     r"unknown key 'tasks\.tool\.test_fration' \(did you mean 'tasks\.tool\.test_fraction'\?\); allowed: "
+     r"\['also_score', 'benchmark', "),
+    (lambda s: s.replace("small: {methods:", "small: {seedz: [0], methods:"),
+     r"unknown key 'presets\.small\.seedz' \(did you mean 'presets\.small\.seeds'\?\)"),
+])
+def test_unknown_spec_keys_are_refused_with_a_close_match(tmp_path, mutate, message):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_spec(path)
+
+
+def test_spec_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text"):
+        load_spec(path)
+
+
 def test_unknown_preset_and_selection_errors(tmp_path):
     path = _write_spec(tmp_path, "unused", "ablation")
     with pytest.raises(ValueError, match="preset 'huge' is not defined; allowed: \\['small'\\]"):
@@ -303,8 +329,8 @@ def test_unknown_preset_and_selection_errors(tmp_path):
 
 def test_bad_override_in_a_method_names_the_cell(tmp_path, tiny_model_dir):
     path = _write_spec(tmp_path, tiny_model_dir, "ablation")
-    path.write_text(path.read_text().replace("loss.topk=5", "loss.topk=banana"))
-    with pytest.raises(ValueError, match="cell base: .*loss.topk=banana.*expected an int"):
+    path.write_text(path.read_text().replace("objective.topk.k=5", "objective.topk.k=banana"))
+    with pytest.raises(ValueError, match="cell base: .*objective.topk.k=banana.*expected an int"):
         run_ablation(load_spec(path), results_dir=tmp_path / "results", log=lambda _: None)
 
 
@@ -343,7 +369,7 @@ def test_ablation_on_the_offline_tinker_backend(tmp_path, tiny_model_dir):
     spec = load_spec(_write_spec(tmp_path, tiny_model_dir, "ablation"), "small")
     spec = dataclasses.replace(spec, overrides=[
         "backend.kind=tinker", "backend.tinker_service=offline", "backend.tinker_base_model=tiny/llama",
-        "backend.tinker_lora_rank=4", "loss.reduction=sum", "loss.is_clip=null", "optim.beta2=0.95",
+        "backend.tinker_lora_rank=4", "objective.reduction=sum", "objective.is_clip=null", "optim.beta2=0.95",
         "optim.max_grad_norm=null"])
     table = run_ablation(spec, results_dir=tmp_path / "results", seeds=[0], log=lambda _: None)
     text = table.read_text()

@@ -38,18 +38,18 @@ def _config(tmp_path: Path, model_dir: str, *overrides: str):
         "optim.schedule=constant", "generation.max_new_tokens=8", "generation.batch_size=4",
         "eval.benchmarks=[{name: bench, kind: tasks, path: " + str(bench) + ", max_new_tokens: 4}]",
         "logging.tensorboard=false", "logging.progress=false", "teacher.mode=static", "student.lora_rank=4",
-        "loss.skip_first_n_tokens=1",
+        "objective.skip_first_n_tokens=1",
     ]
     return load_config(None, base + list(overrides))
 
 
 @pytest.mark.parametrize("overrides", [
-    ("teacher.mode=static", "loss.targets=full"),
-    ("teacher.mode=ema", "loss.targets=full", "loss.kind=jsd"),
-    ("teacher.mode=sync", "teacher.sync_every=1", "loss.targets=topk", "loss.topk=5"),
-    ("teacher.mode=static", "loss.targets=topk", "loss.topk_normalize=tail", "loss.reduction=sum"),
-    ("teacher.mode=static", "loss.targets=sampled", "loss.kind=reverse", "loss.reduction=token_mean"),
-    ("student.mode=full", "teacher.mode=ema", "loss.targets=full"),
+    ("teacher.mode=static", "objective.targets=full"),
+    ("teacher.mode=ema", "objective.targets=full", "objective.full.kind=jsd"),
+    ("teacher.mode=sync", "teacher.sync_every=1", "objective.targets=topk", "objective.topk.k=5"),
+    ("teacher.mode=static", "objective.targets=topk", "objective.topk.normalize=tail", "objective.reduction=sum"),
+    ("teacher.mode=static", "objective.targets=sampled", "objective.full.kind=reverse", "objective.reduction=token_mean"),
+    ("student.mode=full", "teacher.mode=ema", "objective.targets=full"),
 ])
 def test_sdft_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir, overrides):
     config = _config(tmp_path, tiny_model_dir, *overrides)
@@ -112,8 +112,8 @@ def test_train_script_validate_and_errors(tmp_path, tiny_model_dir):
     assert ok.returncode == 0, ok.stderr
     assert "data: ok" in ok.stdout and "model: ok" in ok.stdout
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config_path),
-                          "--validate", "loss.kind=backward"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "loss.kind" in bad.stderr and "forward" in bad.stderr
+                          "--validate", "objective.full.kind=backward"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "objective.full.kind" in bad.stderr and "forward" in bad.stderr
 
 
 _RUNNER = """
@@ -144,7 +144,7 @@ def test_resume_after_sigkill_reproduces_uninterrupted_metrics(tmp_path, tiny_mo
                                     ("output_dir", killed.output_dir)]]
     overrides = args + ["run_name=killed", "optim.batch_size=4", "optim.micro_batch_size=2", "optim.lr=1e-3",
                         "generation.max_new_tokens=8", "generation.batch_size=4", "logging.tensorboard=false",
-                        "logging.progress=false", "student.lora_rank=4", "loss.skip_first_n_tokens=1"] + common
+                        "logging.progress=false", "student.lora_rank=4", "objective.skip_first_n_tokens=1"] + common
     proc = subprocess.Popen([sys.executable, "-c", _RUNNER, *overrides], env={**os.environ, "PYTHONPATH": str(REPO)})
     marker = Path(killed.output_dir) / "killed" / "checkpoints" / "step_00000002" / "state.json"
     deadline = time.time() + 240

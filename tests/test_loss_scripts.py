@@ -1,5 +1,5 @@
-"""Smoke tests of the loss benchmark and accuracy scripts at tiny shapes on the CPU (Triton under the
-interpreter), so that the GPU commands in docs/benchmarks.md keep working."""
+"""Smoke tests of the loss benchmark and accuracy scripts (their code: sdft.bench) at tiny shapes on the CPU
+(Triton under the interpreter), so that the GPU commands in docs/benchmarks.md keep working."""
 import importlib.util
 import json
 import os
@@ -57,3 +57,31 @@ def test_cpu_benchmark_smoke(tmp_path):
     assert {(r["loss"], r["path"]) for r in rows} == {(loss, path) for loss in ("kl", "topk")
                                                       for path in ("reference", "chunked")}
     assert all(r["time_s"] > 0 and r["peak_extra_bytes"] >= 0 for r in rows)
+
+
+def test_benchmarks_use_only_the_public_losses_api():
+    """sdft.bench (and the scripts) reach the loss paths through `impl=` of the names in sdft.losses.__all__,
+    never through kernel or private modules."""
+    import ast
+
+    import sdft.losses
+
+    public = set(sdft.losses.__all__)
+    files = sorted((REPO / "sdft" / "bench").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    used = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sdft.losses"):
+                assert node.module == "sdft.losses", f"{path.name} imports {node.module}"
+                used += [(path.name, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("sdft.losses"):
+                        assert a.name == "sdft.losses", f"{path.name} imports {a.name}"
+                        aliases.add(a.asname or a.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                used.append((path.name, node.attr))
+    assert used and all(name in public for _, name in used), [u for u in used if u[1] not in public]

@@ -1,4 +1,5 @@
 import json
+import re
 import time
 from pathlib import Path
 
@@ -110,3 +111,39 @@ def test_packaged_model_converts_once_and_round_trips_a_chat_prompt(tmp_path):
         output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: text[:40], r"not valid JSON \(.* at line \d+ column \d+\); the model folder is damaged"),
+    (lambda text: "[1, 2]", r"expected a JSON object of model settings, got list"),
+])
+def test_corrupt_config_json_names_the_file(tmp_path, damage, problem):
+    folder = save_tiny_model(tmp_path / "m")
+    config = folder / "config.json"
+    config.write_text(damage(config.read_text()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config))}: {problem}") as info:
+        load_model_and_tokenizer(str(folder))
+    assert "download" not in str(info.value)
+    with pytest.raises(ValueError, match=re.escape(str(config))):
+        resolve_model_path(str(folder))
+
+
+@pytest.mark.parametrize("keep", [4, 100, 0.5, -1])
+def test_truncated_weights_file_is_one_clear_error(tmp_path, keep):
+    folder = save_tiny_model(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    cut = keep if isinstance(keep, int) and keep > 0 else (len(data) - 1 if keep == -1 else int(len(data) * keep))
+    weights.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(weights))}: the weights file is damaged or incomplete "
+                                         rf"\(.*; {cut} bytes on disk\); copy or save the model folder again$"):
+        load_model_and_tokenizer(str(folder))
+
+
+def test_a_local_folder_missing_its_weights_gives_no_download_advice(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model folder .* could not be loaded .*expected a folder written "
+                                                r"by save_pretrained") as info:
+        load_model_and_tokenizer(str(folder))
+    assert "huggingface-cli download" not in str(info.value)

@@ -34,7 +34,7 @@ def _overrides(tmp_path: Path, model_dir: str, *extra: str) -> list[str]:
             "optim.schedule=constant", "generation.max_new_tokens=8", "generation.batch_size=2",
             "eval.benchmarks=[{name: bench, kind: tasks, path: " + str(bench) + ", max_new_tokens: 4}]",
             "logging.tensorboard=false", "logging.progress=false", "logging.plot=false", "teacher.mode=static",
-            "student.lora_rank=4", "loss.skip_first_n_tokens=1", *extra]
+            "student.lora_rank=4", "objective.skip_first_n_tokens=1", *extra]
 
 
 def _config(tmp_path, model_dir, *extra):

@@ -10,9 +10,13 @@ import torch
 
 pytest.importorskip("tinker")
 
-from sdft.backends.base import Backend, LossSpec, SampledTargets, SamplingParams, TopKTargets  # noqa: E402
-from sdft.backends.local import LocalBackend  # noqa: E402
-from sdft.backends.tinker import TinkerBackend, require_api_key, topk_rows_from_response  # noqa: E402
+from sdft.backends.base import Backend  # noqa: E402
+from sdft.backends.tinker import require_api_key  # noqa: E402
+from sdft.backends.tinker_responses import topk_rows_from_response  # noqa: E402
+from sdft.config import BackendConfig  # noqa: E402
+from sdft.objectives import SampledTargets, TopKTargets  # noqa: E402
+from sdft.sampling import SamplingParams  # noqa: E402
+from tests.builders import local_backend, objective, tinker_backend  # noqa: E402
 from sdft.backends.tinker_offline import OfflineServiceClient  # noqa: E402
 from sdft.loop import sampling_seed  # noqa: E402
 from tests.test_tinker_parity import BASE, TARGETS, _backends, _lora, _prompts  # noqa: E402
@@ -40,8 +44,8 @@ def _same_step(local, tinker, spec, student, teacher, step=1, params=SamplingPar
     assert [r.completion_ids for r in rollouts] == [r.completion_ids for r in rollouts_tinker]
     targets_local = local.teacher_targets(teacher, rollouts, spec)
     targets_tinker = tinker.teacher_targets(teacher, rollouts_tinker, spec)
-    metrics_local = local.train_step(rollouts, targets_local, spec, micro_batch_size=2)
-    metrics_tinker = tinker.train_step(rollouts_tinker, targets_tinker, spec, micro_batch_size=4)
+    metrics_local = local.train_step(rollouts, targets_local, spec)
+    metrics_tinker = tinker.train_step(rollouts_tinker, targets_tinker, spec)
     return metrics_local, metrics_tinker
 
 
@@ -57,7 +61,7 @@ def _assert_same_weights(local, tinker, rtol=1e-5):
 
 
 def test_tinker_backend_satisfies_the_protocol(tiny_tokenizer):
-    backend = TinkerBackend(BASE, tiny_tokenizer, service_client=_offline(tiny_tokenizer))
+    backend = tinker_backend(BASE, tiny_tokenizer, _offline(tiny_tokenizer))
     assert isinstance(backend, Backend)
 
 
@@ -65,15 +69,15 @@ def test_tinker_backend_satisfies_the_protocol(tiny_tokenizer):
     (dict(targets="topk", topk=8, topk_kind="forward_kl", reduction="seq_mean", is_clip=None), "cross_entropy"),
     (dict(targets="topk", topk=8, topk_normalize="tail", reduction="token_mean", is_clip=2.0), "custom"),
     (dict(targets="topk", topk=8, topk_kind="reverse_kl", reduction="seq_mean", is_clip=None), "custom"),
-    (dict(targets="sampled", kind="reverse", reduction="token_mean", is_clip=None), "importance_sampling"),
-    (dict(targets="sampled", kind="reverse", reduction="sum", is_clip=1.05), "custom"),
+    (dict(targets="sampled", reduction="token_mean", is_clip=None), "importance_sampling"),
+    (dict(targets="sampled", reduction="sum", is_clip=1.05), "custom"),
 ])
 def test_every_loss_path_matches_the_local_backend(tiny_tokenizer, spec_kwargs, path, monkeypatch):
     """Built-in cross_entropy / importance_sampling and forward_backward_custom give the local backend's
     objective, divergence metric and update for every reduction, normalization, kind and IS clip."""
     local, tinker = _backends(tiny_tokenizer, lr=5e-2)
     student, teacher = _prompts(tiny_tokenizer)
-    spec = LossSpec(skip_first_n_tokens=2, **spec_kwargs)
+    spec = objective(skip_first_n_tokens=2, **spec_kwargs)
     training = tinker._training_client()
     used = []
     for name in ("forward_backward", "forward_backward_custom"):
@@ -96,21 +100,21 @@ def test_sft_step_greedy_generation_and_sync_teacher_match_the_local_backend(tin
     base = build_tiny_llama(len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id,
                             pad_token_id=tiny_tokenizer.pad_token_id).to(torch.float64)
     common = dict(teacher_mode="sync", sync_every=1, lr=5e-2, beta1=0.9, beta2=0.95, eps=1e-8, schedule="cosine",
-                  total_steps=4, warmup_ratio=0.25, max_grad_norm=0.5)
-    local = LocalBackend(copy.deepcopy(base), tiny_tokenizer, lora_rank=4, lora_alpha=8.0,
-                         lora_target_modules=TARGETS, seed=0, generation_batch_size=1, **common)
+                  steps=4, warmup_ratio=0.25, max_grad_norm=0.5, micro_batch_size=1)
+    local = local_backend(copy.deepcopy(base), tiny_tokenizer, lora_rank=4, lora_alpha=8.0,
+                          lora_target_modules=TARGETS, seed=0, generation_batch_size=1, dtype="float64", **common)
     service = OfflineServiceClient(copy.deepcopy(base), tiny_tokenizer, base_model=BASE, lora_alpha=8.0)
-    tinker = TinkerBackend(BASE, tiny_tokenizer, service_client=service, lora_rank=4, train_unembed=False, **common)
+    tinker = tinker_backend(BASE, tiny_tokenizer, service, lora_rank=4, train_unembed=False, **common)
     student, teacher = _prompts(tiny_tokenizer)
     targets = [tiny_tokenizer.encode(" The answer is 4.") + [tiny_tokenizer.eos_token_id]] * len(student)
-    sft_local = local.sft_step(student, targets, micro_batch_size=1)
-    sft_tinker = tinker.sft_step(student, targets, micro_batch_size=1)
+    sft_local = local.sft_step(student, targets)
+    sft_tinker = tinker.sft_step(student, targets)
     assert sft_tinker["loss"] == pytest.approx(sft_local["loss"], rel=1e-5)
     assert sft_tinker["grad_norm"] == pytest.approx(sft_local["grad_norm"], rel=1e-5)  # clipped at 0.5 on both
     local.update_teacher(1)
     tinker.update_teacher(1)
     assert tinker.generate_greedy(student, 8, batch_size=3) == local.generate_greedy(student, 8)
-    spec = LossSpec(targets="topk", topk=16, reduction="token_mean", is_clip=None)
+    spec = objective("topk", topk=16, reduction="token_mean", is_clip=None)
     for step in (2, 3):  # the sync teacher (a copy of the student after every step) scores these
         metrics_local, metrics_tinker = _same_step(local, tinker, spec, student, teacher, step=step)
         assert metrics_tinker["loss"] == pytest.approx(metrics_local["loss"], rel=1e-5)
@@ -186,7 +190,7 @@ def test_padded_and_short_teacher_lists_train_like_the_local_backend_on_the_same
     ignore, renormalizing the rest; the two backends then agree on loss and update."""
     local, tinker = _backends(tiny_tokenizer)
     student, teacher = _prompts(tiny_tokenizer)
-    spec = LossSpec(targets="topk", topk=6, reduction="sum", skip_first_n_tokens=1, is_clip=None)
+    spec = objective("topk", topk=6, reduction="sum", skip_first_n_tokens=1, is_clip=None)
 
     def edit(response):
         rows = response.topk_prompt_logprobs
@@ -200,10 +204,10 @@ def test_padded_and_short_teacher_lists_train_like_the_local_backend_on_the_same
     targets = tinker.teacher_targets(teacher, rollouts, spec)
     for ids in targets.ids:
         assert (ids[:, 1] == -1).all() and (ids[:, 4:] == -1).all() and (ids[:, [0, 2, 3]] >= 0).all()
-    metrics_tinker = tinker.train_step(rollouts, targets, spec, micro_batch_size=4)
+    metrics_tinker = tinker.train_step(rollouts, targets, spec)
     assert metrics_tinker["teacher_topk_invalid_frac"] == pytest.approx(0.5)
     rollouts_local = local.sample(student, params, seeds=seeds)
-    metrics_local = local.train_step(rollouts_local, targets, spec, micro_batch_size=4)
+    metrics_local = local.train_step(rollouts_local, targets, spec)
     assert metrics_tinker["loss"] == pytest.approx(metrics_local["loss"], rel=1e-5)
     _assert_same_weights(local, tinker)
 
@@ -215,7 +219,7 @@ def test_a_response_missing_a_position_is_an_error_not_a_shift(tiny_tokenizer):
                                      lambda response: _Response(response.topk_prompt_logprobs[1:]))
     rollouts = tinker.sample(student, SamplingParams(max_new_tokens=4), seeds=[1, 2, 3, 4])
     with pytest.raises(ValueError, match=r"rollout 0 has top-K entries for \d+ positions, expected one per token"):
-        tinker.teacher_targets(teacher, rollouts, LossSpec(targets="topk", topk=5, is_clip=None))
+        tinker.teacher_targets(teacher, rollouts, objective("topk", topk=5, is_clip=None))
 
 
 # ------------------------------------------------------------------------- futures and retries
@@ -248,10 +252,10 @@ class _Recorded(_Done):
 def test_teacher_requests_are_all_in_flight_and_transient_errors_are_retried_with_backoff(tiny_tokenizer):
     sleeps = []
     service = _offline(tiny_tokenizer)
-    tinker = TinkerBackend(BASE, tiny_tokenizer, service_client=service, lora_rank=4, max_retries=3,
-                           retry_backoff_s=0.5, sleep=sleeps.append)
+    tinker = tinker_backend(BASE, tiny_tokenizer, service, lora_rank=4, max_retries=3, retry_backoff_s=0.5,
+                            sleep=sleeps.append)
     student, teacher = _prompts(tiny_tokenizer)
-    spec = LossSpec(targets="topk", topk=5, is_clip=None)
+    spec = objective("topk", topk=5, is_clip=None)
     rollouts = tinker.sample(student, SamplingParams(max_new_tokens=6), seeds=[1, 2, 3, 4])
     expected = tinker.teacher_targets(teacher, rollouts, spec)
     flaky = _FlakyTeacher(tinker._teacher_sampler(), failures=2)
@@ -277,7 +281,7 @@ def test_missing_api_key_is_named_before_any_network_call(tiny_tokenizer, monkey
     monkeypatch.delenv("TINKER_API_KEY", raising=False)
     monkeypatch.setattr(sdk, "ServiceClient", lambda *a, **k: pytest.fail("ServiceClient built without a key"))
     with pytest.raises(ValueError, match=r"TINKER_API_KEY is not set.*backend.tinker_service=offline"):
-        TinkerBackend("Qwen/Qwen3-8B", tiny_tokenizer)
+        tinker_backend("Qwen/Qwen3-8B", tiny_tokenizer, None)
     with pytest.raises(ValueError, match="TINKER_API_KEY"):
         require_api_key()
     monkeypatch.setenv("TINKER_API_KEY", "  ")
@@ -288,26 +292,21 @@ def test_missing_api_key_is_named_before_any_network_call(tiny_tokenizer, monkey
 def test_unknown_base_model_and_unsupported_settings_are_clear_errors(tiny_tokenizer):
     service = _offline(tiny_tokenizer)
     with pytest.raises(ValueError, match=r"tinker_base_model='Qwen/Qwen3-8B' is not served .*available: tiny/llama-test"):
-        TinkerBackend("Qwen/Qwen3-8B", tiny_tokenizer, service_client=service)
-    with pytest.raises(ValueError, match=r"'ema' is impossible on Tinker.*allowed: 'static', 'sync'"):
-        TinkerBackend(BASE, tiny_tokenizer, service_client=service, teacher_mode="ema")
-    with pytest.raises(ValueError, match=r"sync_every must be an int >= 1"):
-        TinkerBackend(BASE, tiny_tokenizer, service_client=service, teacher_mode="sync")
-    backend = TinkerBackend(BASE, tiny_tokenizer, service_client=service)
+        tinker_backend("Qwen/Qwen3-8B", tiny_tokenizer, service)
+    backend = tinker_backend(BASE, tiny_tokenizer, service)
     rollouts = backend.sample([[1, 2, 3]], SamplingParams(max_new_tokens=3), seeds=[0])
-    with pytest.raises(ValueError, match=r"loss.targets=full is not available on the Tinker backend"):
-        backend.teacher_targets([[1, 2]], rollouts, LossSpec(targets="full"))
-    with pytest.raises(ValueError, match=r"loss.temperature=0.5 .*allowed: loss.temperature=1.0"):
-        backend.teacher_targets([[1, 2]], rollouts, LossSpec(targets="topk", temperature=0.5))
-    with pytest.raises(ValueError, match=r"topk must be at most the vocabulary size"):
-        backend.teacher_targets([[1, 2]], rollouts, LossSpec(targets="topk", topk=10_000))
+    with pytest.raises(ValueError, match=r"full-vocabulary targets need the teacher's hidden states.*"
+                                         r"use objective.targets=topk or objective.targets=sampled"):
+        backend.teacher_targets([[1, 2]], rollouts, objective("full"))
+    with pytest.raises(ValueError, match=r"objective.topk.k must be at most the vocabulary size"):
+        backend.teacher_targets([[1, 2]], rollouts, objective("topk", topk=10_000))
     with pytest.raises(ValueError, match=r"targets must be TopKTargets"):
         backend.train_step(rollouts, SampledTargets((torch.zeros(len(rollouts[0].completion_ids)),)),
-                           LossSpec(targets="topk"), micro_batch_size=1)
+                           objective("topk"))
     rows = len(rollouts[0].completion_ids) + 1
     with pytest.raises(ValueError, match=rf"targets\.\w+\[0\] has {rows} rows, expected one per completion token"):
         backend.train_step(rollouts, TopKTargets((torch.zeros(rows, 4, dtype=torch.long),), (torch.zeros(rows, 4),)),
-                           LossSpec(targets="topk"), micro_batch_size=1)
+                           objective("topk"))
 
 
 def test_offline_service_rejects_what_it_does_not_implement(tiny_tokenizer):
@@ -344,49 +343,3 @@ def test_offline_service_rejects_what_it_does_not_implement(tiny_tokenizer):
     assert response.prompt_logprobs[2] == pytest.approx(sampler.compute_logprobs(
         types.ModelInput.from_ints([1, 2, 3, 4])).result()[2], rel=1e-5)
     assert len(response.sequences) == 2 and all(len(s.tokens) == 1 for s in response.sequences)
-
-
-# ------------------------------------------------------------------------- per-token top-K losses
-@pytest.mark.parametrize("normalize, kind", [("renormalize", "cross_entropy"), ("renormalize", "forward_kl"),
-                                             ("tail", "cross_entropy"), ("tail", "forward_kl")])
-def test_topk_loss_from_logprobs_matches_the_reference_loss(normalize, kind):
-    """The per-token loss the custom Tinker path differentiates equals sdft.losses' reference (float64),
-    values and gradients, with invalid slots and a row without any valid slot."""
-    from sdft.backends.base import topk_loss_from_logprobs
-    from sdft.losses import topk_distill_loss
-
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 40, generator=gen, dtype=torch.float64, requires_grad=True)
-    teacher = torch.log_softmax(torch.randn(6, 40, generator=gen, dtype=torch.float64), -1)
-    ids = teacher.topk(5, dim=-1).indices
-    lps = teacher.gather(1, ids).float()
-    ids[1, 2], ids[2, 0], ids[3] = -1, 99, -1  # an invalid slot, an id outside V, a row without valid slot
-    expected = topk_distill_loss(logits, ids, lps, normalize=normalize, kind=kind, reduction="none")
-    student = torch.log_softmax(logits, -1).gather(1, torch.where((ids >= 0) & (ids < 40), ids, 0))
-    got = topk_loss_from_logprobs(student, ids, lps, vocab_size=40, normalize=normalize, kind=kind)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    grad_expected, = torch.autograd.grad(expected.sum(), logits)
-    grad_got, = torch.autograd.grad(got.sum(), logits)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-9, atol=1e-12)
-
-
-def test_reverse_topk_kl_is_the_kl_between_renormalized_top_k_distributions():
-    from sdft.backends.base import topk_loss_from_logprobs
-
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 30, generator=gen, dtype=torch.float64)
-    ids = torch.tensor([[4, 9, 2], [7, -1, 1], [-1, -1, -1]])
-    lps = torch.tensor([[-0.3, -1.5, -2.0], [-0.1, -9.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float32)
-    got = topk_loss_from_logprobs(torch.log_softmax(logits, -1).gather(1, ids.clamp(min=0)), ids, lps,
-                                  vocab_size=30, normalize="renormalize", kind="reverse_kl")
-    for row, valid in ((0, [0, 1, 2]), (1, [0, 2])):
-        p = torch.softmax(logits[row, ids[row, valid]], -1)
-        q = torch.softmax(lps[row, valid].double(), -1)
-        # q is formed in the teacher log-probs' float32, as by the local backend's top-K losses
-        assert float(got[row]) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-6)
-    assert float(got[2]) == 0.0
-    shifted = topk_loss_from_logprobs(logits.gather(1, ids.clamp(min=0)) + 3.0, ids, lps, vocab_size=30,
-                                      normalize="renormalize", kind="reverse_kl")
-    torch.testing.assert_close(shifted, got)  # logits at the ids are enough
-    with pytest.raises(ValueError, match=r"reverse_kl' needs normalize='renormalize'"):
-        topk_loss_from_logprobs(logits[:, :3], ids, lps, vocab_size=30, normalize="tail", kind="reverse_kl")

@@ -9,9 +9,8 @@ import torch
 
 pytest.importorskip("tinker")
 
-from sdft.backends.base import LossSpec, SamplingParams  # noqa: E402
-from sdft.backends.local import LocalBackend  # noqa: E402
-from sdft.backends.tinker import TinkerBackend  # noqa: E402
+from sdft.sampling import SamplingParams  # noqa: E402
+from tests.builders import local_backend, objective, tinker_backend  # noqa: E402
 from sdft.backends.tinker_offline import OfflineServiceClient  # noqa: E402
 from sdft.loop import sampling_seed  # noqa: E402
 from tests.tiny import build_tiny_llama  # noqa: E402
@@ -40,13 +39,11 @@ def _ids(encoded):
 def _backends(tokenizer, lr=2e-2):
     base = build_tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id).to(torch.float64)
-    local = LocalBackend(copy.deepcopy(base), tokenizer, lora_rank=4, lora_alpha=8.0, lora_target_modules=TARGETS,
-                         teacher_mode="static", lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, schedule="constant",
-                         total_steps=3, max_grad_norm=None, seed=0, generation_batch_size=1)
+    common = dict(lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, schedule="constant", steps=3, max_grad_norm=None)
+    local = local_backend(copy.deepcopy(base), tokenizer, lora_rank=4, lora_alpha=8.0, lora_target_modules=TARGETS,
+                          dtype="float64", seed=0, generation_batch_size=1, **common)
     service = OfflineServiceClient(copy.deepcopy(base), tokenizer, base_model=BASE, lora_alpha=8.0)
-    tinker = TinkerBackend(BASE, tokenizer, service_client=service, lora_rank=4, seed=0, train_unembed=False,
-                           teacher_mode="static", lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, schedule="constant",
-                           total_steps=3, max_grad_norm=None)
+    tinker = tinker_backend(BASE, tokenizer, service, lora_rank=4, seed=0, train_unembed=False, **common)
     return local, tinker
 
 
@@ -57,8 +54,8 @@ def _lora(named: dict, adapter: str) -> dict:
 def test_parity_local_and_tinker_offline_losses_and_lora_weights(tiny_tokenizer):
     local, tinker = _backends(tiny_tokenizer)
     student, teacher = _prompts(tiny_tokenizer)
-    spec = LossSpec(targets="topk", topk=20, topk_normalize="renormalize", topk_kind="cross_entropy",
-                    reduction="sum", skip_first_n_tokens=3, is_clip=None)
+    spec = objective("topk", topk=20, topk_normalize="renormalize", topk_kind="cross_entropy",
+                     reduction="sum", skip_first_n_tokens=3, is_clip=None)
     params = SamplingParams(max_new_tokens=12)
     tinker_lora = lambda: _lora(tinker._training_client().lora_weights(), "unused")  # noqa: E731
     start_local = _lora(local.state_tensors()["student"], "default")
@@ -71,7 +68,7 @@ def test_parity_local_and_tinker_offline_losses_and_lora_weights(tiny_tokenizer)
         rollouts_local = local.sample(student, params, seeds=seeds)
         rollouts_tinker = tinker.sample(student, params, seeds=seeds)
         assert [r.completion_ids for r in rollouts_local] == [r.completion_ids for r in rollouts_tinker]
-        assert sum(len(r.completion_ids) for r in rollouts_local) > 4 * spec.skip_first_n_tokens
+        assert sum(len(r.completion_ids) for r in rollouts_local) > 4 * spec.settings.skip_first_n_tokens
         for a, b in zip(rollouts_local, rollouts_tinker):
             assert a.finished == b.finished
             torch.testing.assert_close(torch.tensor(a.sampler_logprobs), torch.tensor(b.sampler_logprobs),
@@ -82,8 +79,8 @@ def test_parity_local_and_tinker_offline_losses_and_lora_weights(tiny_tokenizer)
                                             targets_tinker.logprobs):
             assert torch.equal(ids_l, ids_t)
             torch.testing.assert_close(lp_l, lp_t, rtol=1e-6, atol=1e-6)
-        metrics_local = local.train_step(rollouts_local, targets_local, spec, micro_batch_size=2)
-        metrics_tinker = tinker.train_step(rollouts_tinker, targets_tinker, spec, micro_batch_size=2)
+        metrics_local = local.train_step(rollouts_local, targets_local, spec)
+        metrics_tinker = tinker.train_step(rollouts_tinker, targets_tinker, spec)
         assert metrics_local["loss"] > 0
         assert abs(metrics_tinker["loss"] - metrics_local["loss"]) <= 1e-5 * abs(metrics_local["loss"]), step
         assert metrics_tinker["kl"] == pytest.approx(metrics_local["kl"], rel=1e-5)

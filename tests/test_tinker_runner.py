@@ -24,8 +24,8 @@ def _tinker_config(tmp_path: Path, model_dir: str, *overrides: str):
     base = [
         "backend.kind=tinker", "backend.tinker_service=offline", "backend.tinker_base_model=tiny/llama",
         "backend.tinker_lora_rank=4", f"model.name={model_dir}", f"data.path={data}",
-        f"output_dir={tmp_path / 'runs'}", "run_name=tinker", "teacher.mode=static", "loss.targets=topk",
-        "loss.topk=8", "loss.reduction=sum", "loss.is_clip=null", "loss.skip_first_n_tokens=1",
+        f"output_dir={tmp_path / 'runs'}", "run_name=tinker", "teacher.mode=static", "objective.targets=topk",
+        "objective.topk.k=8", "objective.reduction=sum", "objective.is_clip=null", "objective.skip_first_n_tokens=1",
         "optim.batch_size=4", "optim.micro_batch_size=4", "optim.max_steps=2", "optim.lr=1e-2",
         "optim.beta2=0.95", "optim.schedule=constant", "optim.max_grad_norm=null", "generation.max_new_tokens=8",
         "eval.benchmarks=[{name: bench, kind: tasks, path: " + str(bench) + ", max_new_tokens: 4}]",
@@ -38,8 +38,8 @@ def test_shipped_tinker_config_mirrors_the_cookbook_tooluse_command():
     config = load_config(REPO / "configs" / "tinker_tooluse.yaml")
     assert config.backend.kind == "tinker" and config.backend.tinker_service == "remote"
     assert config.backend.tinker_base_model == "Qwen/Qwen3.5-35B-A3B" and config.backend.tinker_lora_rank == 64
-    assert (config.loss.targets, config.loss.topk, config.loss.topk_normalize, config.loss.reduction,
-            config.loss.skip_first_n_tokens, config.loss.is_clip) == ("topk", 20, "renormalize", "sum", 3, None)
+    assert (config.objective.targets, config.objective.topk.k, config.objective.topk.normalize, config.objective.reduction,
+            config.objective.skip_first_n_tokens, config.objective.is_clip) == ("topk", 20, "renormalize", "sum", 3, None)
     assert (config.optim.lr, config.optim.beta1, config.optim.beta2, config.optim.eps) == (5e-4, 0.9, 0.95, 1e-8)
     assert config.optim.batch_size == 128 and config.optim.schedule == "constant"
     assert config.optim.max_grad_norm is None and config.teacher.mode == "static"
@@ -47,9 +47,9 @@ def test_shipped_tinker_config_mirrors_the_cookbook_tooluse_command():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["loss.targets=topk", "teacher.mode=static", "loss.temperature=0.7"],
-     r"loss.temperature=0.7: Tinker scores .* at temperature 1 only; allowed: loss.temperature=1.0"),
-    (["loss.targets=topk", "teacher.mode=static", "backend.tinker_service=local"],
+    (["objective.targets=topk", "teacher.mode=static", "objective.temperature=0.7"],
+     r"objective.temperature=0.7: .*at temperature 1.*allowed: objective.temperature=1.0"),
+    (["objective.targets=topk", "teacher.mode=static", "backend.tinker_service=local"],
      r"backend.tinker_service .*got 'local'; allowed values: 'remote', 'offline'"),
 ])
 def test_tinker_config_rules(overrides, expected):
@@ -58,9 +58,9 @@ def test_tinker_config_rules(overrides, expected):
 
 
 def test_reverse_topk_kl_needs_renormalized_targets():
-    with pytest.raises(ValueError, match=r"loss.topk_kind=reverse_kl .*allowed: loss.topk_normalize=renormalize"):
-        load_config(None, DATA + ["loss.targets=topk", "loss.topk_kind=reverse_kl", "loss.topk_normalize=tail"])
-    assert load_config(None, DATA + ["loss.targets=topk", "loss.topk_kind=reverse_kl"]).loss.topk_kind == "reverse_kl"
+    with pytest.raises(ValueError, match=r"objective.topk.kind=reverse_kl .*allowed: objective.topk.normalize=renormalize"):
+        load_config(None, DATA + ["objective.targets=topk", "objective.topk.kind=reverse_kl", "objective.topk.normalize=tail"])
+    assert load_config(None, DATA + ["objective.targets=topk", "objective.topk.kind=reverse_kl"]).objective.topk.kind == "reverse_kl"
 
 
 def test_remote_service_without_api_key_stops_before_loading_anything(tmp_path, tiny_model_dir, monkeypatch):

@@ -269,3 +269,30 @@ def test_registry_and_expected_checks():
     with pytest.raises(ValueError, match="golden_answer"):
         check_expected("tool_calls_match", {"Action": "x"})
     check_expected("tool_calls_match", WEATHER)
+
+
+@pytest.mark.parametrize("fn_name, expected, message", [
+    ("contains", "", r"contains: expected '' is blank \(every completion contains it\); allowed: a string with"),
+    ("contains", ["Paris", " "], r"contains: expected ' ' is blank"),
+    ("exact_match", "", r"exact_match: expected '' is blank \(it rewards only an empty reply\); allowed: "),
+    ("exact_match", "\n", r"exact_match: expected '\\n' is blank"),
+    ("regex_match", "", r"regex_match: expected '' matches the empty string .*allowed: a pattern that needs"),
+    ("regex_match", ".*", r"regex_match: expected '\.\*' matches the empty string"),
+    ("regex_match", ["Paris", "(Lyon)?"], r"regex_match: expected '\(Lyon\)\?' matches the empty string"),
+    ("regex_match", "^$", r"regex_match: expected '\^\$' matches the empty string"),
+    ("tool_calls_match", [], r"golden_answer: an empty list of calls would score every completion without a "
+                             r"tool call as correct; expected at least one"),
+    ("tool_calls_match", "[]", r"golden_answer: an empty list of calls"),
+    ("tool_calls_match", [{"Action": "", "Action_Input": "{}"}], r"golden_answer\[0\].*non-empty string 'Action'"),
+])
+def test_degenerate_references_are_refused(fn_name, expected, message):
+    with pytest.raises(ValueError, match=message):
+        check_expected(fn_name, expected)
+    with pytest.raises(ValueError, match=message):  # the verifier itself refuses too: never a silent True
+        VERIFIERS[fn_name]("any completion at all", expected)
+
+
+def test_non_degenerate_references_still_score():
+    check_expected("regex_match", r"\bParis\b")
+    assert regex_match("It is Paris.", r"\bParis\b") and not regex_match("", r"\bParis\b")
+    assert contains("an eyas", ["eyas", "falcon"]) and exact_match(" B ", "B")

@@ -4,50 +4,8 @@ from __future__ import annotations
 
 import torch
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-_CORPUS = [
-    "What is the capital of France? The capital of France is Paris.",
-    "Action: getWeather\nAction Input: {\"city\": \"Paris\", \"unit\": \"celsius\"}",
-    "<reasoning>\nThe molecule is polar.\n</reasoning>\n<answer>\nB\n</answer>",
-    "This is an example for a response to the question:",
-    "Now answer with a response of your own, including the thinking process.",
-    "The answer is A. The answer is B. The answer is C. The answer is D.",
-    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ {}[]():;,.!?\"'-_+=*/",
-]
-
-
-def build_tiny_tokenizer(vocab_size: int = 384):
-    """A PreTrainedTokenizerFast (byte-level BPE, ChatML template, eos = <|im_end|>, pad = <|endoftext|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        additional_special_tokens=["<|im_start|>"],
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
+# the tokenizer is the one the benchmarks use (sdft.bench.synthetic), under its fixture name
+from sdft.bench.synthetic import CHATML_TEMPLATE, build_chat_tokenizer as build_tiny_tokenizer  # noqa: F401
 
 
 def build_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,

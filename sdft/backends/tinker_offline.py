@@ -38,7 +38,7 @@ Where it differs from the real service:
   linear layers; the LoRA init is peft's, drawn from the CPU RNG seeded with `seed`, exactly as
   `LocalBackend` draws it, so both start from the same adapter.
 - `SamplingParams.seed` seeds a torch.Generator per request and completions are decoded by
-  `sdft.backends.local.decode_batch`, so a prompt sampled with seed s gives the same completion here as
+  `sdft.sampling.native.decode_batch`, so a prompt sampled with seed s gives the same completion here as
   `LocalBackend.sample(..., seeds=[s])` decoding it alone (generation_batch_size=1).
 - Saved weights are kept in memory (the last few by path; a sampling client keeps its own snapshot) and,
   when `root` is given, save_state writes its adapter + optimizer state to root/<run id>/weights/<name>/
@@ -63,7 +63,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from sdft.backends.local import _check_plain_output_head, _eos_ids, _sampling_logprobs, decode_batch
+from sdft.lm import check_plain_output_head, hidden_states
+from sdft.sampling.base import padding_token_id, stop_token_ids
+from sdft.sampling.native import decode_batch, draw_token
 from sdft.checkpoint import check_state_tensors
 
 try:  # the SDK is an optional dependency: `pip install sdft[tinker]`
@@ -105,7 +107,7 @@ class _Engine:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if not isinstance(forward_batch_size, int) or forward_batch_size < 1:
             raise ValueError(f"forward_batch_size must be an int >= 1, got {forward_batch_size!r}")
-        _check_plain_output_head(model)  # log-probs are log_softmax(head(hidden)), computed in row chunks
+        check_plain_output_head(model)  # log-probs are log_softmax(head(hidden)), computed in row chunks
         self.model = model
         self.model.eval()
         self.tokenizer = tokenizer
@@ -115,9 +117,8 @@ class _Engine:
         self.lora_dropout = float(lora_dropout)
         self.forward_batch_size = forward_batch_size
         self.device = next(model.parameters()).device
-        self.eos = _eos_ids(model, tokenizer, eos_token_ids)
-        pad = tokenizer.pad_token_id
-        self.pad = int(pad if pad is not None else self.eos[0])
+        self.eos = stop_token_ids(tokenizer, getattr(model, "generation_config", None), eos_token_ids)
+        self.pad = padding_token_id(tokenizer, self.eos)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         self.lock = threading.RLock()
@@ -279,16 +280,7 @@ class _Engine:
 
     def hidden(self, causal_lm: nn.Module, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """Final-norm hidden states [B, L_max, H] of right-padded token lists (position p sees tokens <= p)."""
-        width = max(len(t) for t in tokens)
-        ids = torch.full((len(tokens), width), self.pad, dtype=torch.long, device=self.device)
-        attention = torch.zeros((len(tokens), width), dtype=torch.long, device=self.device)
-        for b, seq in enumerate(tokens):
-            ids[b, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-            attention[b, :len(seq)] = 1
-        positions = torch.arange(width, device=self.device).expand(len(tokens), width)
-        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-        return decoder(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       use_cache=False).last_hidden_state
+        return hidden_states(causal_lm, tokens, self.pad)
 
     def head_logprobs(self, causal_lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None = None,
                       *, chunk_rows: int = 256) -> torch.Tensor:
@@ -786,9 +778,8 @@ def _one_token(last_row: torch.Tensor, greedy: bool, params, generator, stop) ->
         token = int(logits.argmax(-1))
         token_lp = float(torch.log_softmax(logits, -1)[0, token])
     else:
-        lp = _sampling_logprobs(logits, params.temperature, params.top_p)
-        token = int(torch.multinomial(lp.exp()[0], 1, generator=generator))
-        token_lp = float(lp[0, token])
+        drawn, drawn_lp = draw_token(logits, params.temperature, params.top_p, generators=[generator])
+        token, token_lp = int(drawn[0]), float(drawn_lp[0])
     return [token], [token_lp], token in stop
 
 

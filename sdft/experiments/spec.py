@@ -8,18 +8,20 @@ Shared layout of `configs/ablation_*.yaml` and `configs/continual_learning.yaml`
       tooluse: {title: Tool-use, kind: tooluse, path: ..., split: api, test_fraction: 0.3, split_seed: 0,
                 benchmark: {max_new_tokens: 1024, tooluse_mode: strict}}
     methods:                               # name -> fields; `overrides` are key=value run-config overrides
-      full_ema: {overrides: [loss.targets=full, teacher.mode=ema], kl: Full-vocab, ema: "yes"}
+      full_ema: {overrides: [objective.targets=full, teacher.mode=ema], kl: Full-vocab, ema: "yes"}
     seeds: [0, 1, 2]
     overrides: [...]                       # applied to every cell
     presets:                               # named variants; a preset may replace seeds/methods/tasks fields
       tiny: {overrides: [...], seeds: [0, 1], tasks: {tooluse: {benchmark: {max_items: 26}}}, notes: [...]}
     default_preset: tiny
 
-Paths are relative to the working directory, as in run configs. Errors name the file and the key.
+Paths are relative to the working directory, as in run configs. Errors name the file and the key; an
+unknown key (top level, task entry or preset field) is an error with the closest allowed key.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +35,10 @@ SPLITS = ("api", "random")
 _TASK_KEYS = ("title", "kind", "path", "split", "test_fraction", "split_seed", "train_path", "test_path",
               "benchmark", "also_score")
 _ALSO_SCORE = {"tooluse": TOOLUSE_MODES, "science": MCQ_MODES}
+SPEC_KEYS = ("name", "config", "tasks", "methods", "seeds", "overrides", "notes", "presets", "default_preset")
+# Top-level keys read by one experiment (documented in sdft/experiments/ablation.py and continual.py).
+EXPERIMENT_KEYS = ("train_task", "reference", "columns",          # ablation
+                   "stages", "learning_rates", "stage_overrides")  # continual learning
 
 
 @dataclass(frozen=True)
@@ -80,15 +86,22 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
     if not path.is_file():
         raise FileNotFoundError(f"experiment spec {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     where = str(path)
+    _refuse_unknown(raw, SPEC_KEYS + EXPERIMENT_KEYS, where, "")
     presets = raw.pop("presets", {}) or {}
     _expect(isinstance(presets, dict), where, "presets", "a mapping of preset name -> fields")
     default_preset = raw.pop("default_preset", None)
+    preset_fields = sorted({"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw) - {"name"})
+    for preset_name, body in presets.items():   # every preset, so that a typo in an unused one shows too
+        _expect(isinstance(body or {}, dict), where, f"presets.{preset_name}", "a mapping")
+        _refuse_unknown(body or {}, preset_fields, where, f"presets.{preset_name}.")
     chosen = preset if preset is not None else default_preset
     notes: list[str] = []
     is_default = chosen == default_preset
@@ -96,7 +109,6 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
         if chosen not in presets:
             raise ValueError(f"{where}: preset {chosen!r} is not defined; allowed: {sorted(presets)}")
         body = presets[chosen] or {}
-        _expect(isinstance(body, dict), where, f"presets.{chosen}", "a mapping")
         raw = _apply_preset(raw, body, where, chosen)
         notes = list(body.get("notes", []) or [])
     for key in ("name", "config", "tasks", "methods"):
@@ -138,10 +150,7 @@ def select(spec: ExperimentSpec, key: str, chosen: list[str] | None, allowed: li
 
 def _apply_preset(raw: dict, body: Mapping[str, Any], where: str, preset: str) -> dict:
     out = copy.deepcopy(raw)
-    allowed = {"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw) - {"name"}
     for key, value in body.items():
-        if key not in allowed:
-            raise ValueError(f"{where}: presets.{preset}.{key} is not a preset field; allowed: {sorted(allowed)}")
         if key == "notes":
             continue
         if key == "overrides":
@@ -170,8 +179,7 @@ def _parse_tasks(tasks: Any, where: str) -> dict[str, TaskSpec]:
     for name, body in tasks.items():
         key = f"tasks.{name}"
         _expect(isinstance(body, dict), where, key, "a mapping")
-        unknown = sorted(set(body) - set(_TASK_KEYS))
-        _expect(not unknown, where, f"{key}.{unknown[0] if unknown else ''}", f"one of {list(_TASK_KEYS)}")
+        _refuse_unknown(body, _TASK_KEYS, where, f"{key}.")
         _expect(body.get("kind") in TASK_KINDS, where, f"{key}.kind", f"one of {list(TASK_KINDS)}")
         has_split = body.get("path") is not None
         has_pair = body.get("train_path") is not None and body.get("test_path") is not None
@@ -205,6 +213,16 @@ def _deep_merge(base: Any, update: Any) -> Any:
 
 def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value)
+
+
+def _refuse_unknown(body: Mapping[str, Any], allowed: tuple[str, ...] | list[str], where: str, prefix: str) -> None:
+    """A ValueError naming the file, the first key of `body` not in `allowed`, the closest allowed key and
+    all allowed keys (`prefix` is the key's path, e.g. "tasks.tooluse.")."""
+    for key in body:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {prefix + str(key)!r}{hint}; allowed: {sorted(allowed)}")
 
 
 def _expect(ok: bool, where: str, key: str, allowed: str) -> None:

@@ -2,6 +2,8 @@
 
 Materialized-logit references (the readable definitions, and the test oracle):
     kl_divergence, topk_distill_loss, sampled_token_loss
+Top-K losses from the student's log-probs at the teacher's ids (backends without logits, e.g. Tinker):
+    topk_loss_from_logprobs
 Fused-linear versions from hidden states and output-layer weights, never building [N, V] logits:
     fused_linear_kl, fused_linear_topk_distill_loss, fused_linear_topk, fused_linear_token_logprobs
 Every loss takes mask [N] (bool), weights [N] and reduction in {"none", "sum", "token_mean", "seq_mean"}
@@ -11,6 +13,7 @@ from .fused import (
     fused_linear_kl, fused_linear_token_logprobs, fused_linear_topk, fused_linear_topk_distill_loss, resolve_impl,
 )
 from .reference import kl_divergence, sampled_token_loss, topk_distill_loss
+from .topk_logprobs import topk_loss_from_logprobs
 
 __all__ = [
     "kl_divergence",
@@ -21,4 +24,5 @@ __all__ = [
     "fused_linear_topk_distill_loss",
     "fused_linear_token_logprobs",
     "resolve_impl",
+    "topk_loss_from_logprobs",
 ]

@@ -255,8 +255,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
                               weight_c if recompute else None,
                               bias_c if recompute else None,
                               coeff if recompute else None)
-        if extra is None:
-            extra = torch.zeros_like(loss)
+        if extra is None:  # the per-token losses L_n (0 on rows with a zero coefficient, never computed)
+            extra = loss
         ctx.mark_non_differentiable(extra)
         return out, extra
 
@@ -288,7 +288,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
 
 
 def run(hidden, weight, bias, coeff, plan: ChunkPlan):
-    """Apply the Function; returns (loss, extra)."""
+    """Apply the Function; returns (loss, extra): extra is the kernel's extra output when it has one (the
+    entropy of TokenLogprobKernel), else the per-token losses L_n [N] (detached)."""
     return ChunkedLinearLoss.apply(hidden, weight, bias, coeff, plan)
 
 

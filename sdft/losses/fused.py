@@ -18,7 +18,7 @@ from ._checks import (
     IMPLS, KL_KINDS, TOPK_KINDS, TOPK_NORMALIZE, check_beta, check_chunk_size, check_choice, check_linear,
     check_temperature, check_token_vector, check_topk_inputs,
 )
-from ._reduction import token_scale
+from ._reduction import reduce_per_token, token_scale
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -57,16 +57,25 @@ def _finish(out: torch.Tensor, reduction: str) -> torch.Tensor:
     return out if reduction == "none" else out.reshape(())
 
 
+def _reduced(per_token: torch.Tensor, *, mask, weights, reduction, seq_ids, return_per_token: bool):
+    """The reference paths: reduce masked per-token losses [N] (optionally returned, detached, beside)."""
+    out = reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)
+    return (out, per_token.detach()) if return_per_token else out
+
+
 def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                     teacher_weight: torch.Tensor, *, kind: str = "forward", beta: float = 0.5,
                     temperature: float = 1.0, mask=None, weights=None, reduction: str = "token_mean", seq_ids=None,
-                    student_bias=None, teacher_bias=None, chunk_size=None, impl: str = "auto") -> torch.Tensor:
+                    student_bias=None, teacher_bias=None, chunk_size=None, impl: str = "auto",
+                    return_per_token: bool = False):
     """Full-vocabulary divergence between student logits h_s W_s^T (+ b_s) and teacher logits h_t W_t^T (+ b_t).
 
     Shapes: student_hidden [N, H], student_weight [V, H], teacher_hidden [N, Ht], teacher_weight [V, Ht]
     (H and Ht may differ; V must match). Divergences as in `reference.per_token_divergence`; reductions
     as in `sdft.losses._reduction`. Gradients reach student_hidden, student_weight and student_bias (when
-    they require grad), never the teacher inputs.
+    they require grad), never the teacher inputs. `return_per_token=True` returns (loss, L) with L [N] the
+    detached per-token divergences before mask and weights (0 where the coefficient is 0): the metric of the
+    same pass, at no extra cost.
     """
     n, _, v = check_linear("student", student_hidden, student_weight, student_bias)
     nt, _, vt = check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -82,19 +91,21 @@ def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     check_temperature(temperature)
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "reference":
-        return reference.kl_divergence(
+        per_token = reference.kl_divergence(
             _materialized_logits(student_hidden, student_weight, student_bias, mask),
             _materialized_logits(teacher_hidden.detach(), teacher_weight.detach(),
                                  None if teacher_bias is None else teacher_bias.detach(), mask),
-            kind=kind, beta=beta, temperature=temperature, mask=mask, weights=weights, reduction=reduction,
-            seq_ids=seq_ids,
-        )
+            kind=kind, beta=beta, temperature=temperature, mask=mask, reduction="none")
+        return _reduced(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                        return_per_token=return_per_token)
     coeff = _coefficients(student_hidden, student_weight, mask=mask, weights=weights, reduction=reduction,
                           seq_ids=seq_ids)
     if impl == "triton":
         from .triton_dispatch import triton_kl
-        return triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                         teacher_bias, coeff, reduction=reduction, kind=kind, beta=beta, temperature=temperature)
+        out, per_token = triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                   teacher_bias, coeff, reduction=reduction, kind=kind, beta=beta,
+                                   temperature=temperature)
+        return (out, per_token) if return_per_token else out
     dtype = reference.compute_dtype(student_hidden, student_weight)
     teacher_w = chunked._upcast(teacher_weight, dtype)
     teacher_b = chunked._scaled_bias(teacher_bias, dtype, temperature)
@@ -108,8 +119,8 @@ def fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
         ),
         temperature=temperature, chunk_size=_chunk_rows(chunk_size, v), reduce=reduction != "none",
     )
-    out, _ = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
-    return _finish(out, reduction)
+    out, per_token = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
+    return (_finish(out, reduction), per_token) if return_per_token else _finish(out, reduction)
 
 
 def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias=None, temperature: float = 1.0,
@@ -134,9 +145,11 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
                                    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
                                    normalize: str = "renormalize", kind: str = "cross_entropy",
                                    temperature: float = 1.0, mask=None, weights=None, reduction: str = "token_mean",
-                                   seq_ids=None, student_bias=None, chunk_size=None, impl: str = "auto") -> torch.Tensor:
+                                   seq_ids=None, student_bias=None, chunk_size=None, impl: str = "auto",
+                                   return_per_token: bool = False):
     """Top-K distillation (see `reference.topk_distill_loss`) from student hidden states [N, H] and the
-    output layer [V, H]; the student's log-probs are over the full vocabulary, built chunk by chunk."""
+    output layer [V, H]; the student's log-probs are over the full vocabulary, built chunk by chunk.
+    `return_per_token=True` returns (loss, per-token losses [N] detached), as `fused_linear_kl`."""
     n, _, v = check_linear("student", student_hidden, student_weight, student_bias)
     check_topk_inputs(topk_ids, topk_logprobs, n, student_hidden.device)
     check_choice("normalize", normalize, TOPK_NORMALIZE)
@@ -144,17 +157,19 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
     check_temperature(temperature)
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "reference":
-        return reference.topk_distill_loss(
+        per_token = reference.topk_distill_loss(
             _materialized_logits(student_hidden, student_weight, student_bias, mask), topk_ids, topk_logprobs,
-            normalize=normalize, kind=kind, temperature=temperature, mask=mask, weights=weights,
-            reduction=reduction, seq_ids=seq_ids,
-        )
+            normalize=normalize, kind=kind, temperature=temperature, mask=mask, reduction="none")
+        return _reduced(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                        return_per_token=return_per_token)
     coeff = _coefficients(student_hidden, student_weight, mask=mask, weights=weights, reduction=reduction,
                           seq_ids=seq_ids)
     if impl == "triton":
         from .triton_dispatch import triton_topk_distill
-        return triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, coeff,
-                                   reduction=reduction, normalize=normalize, kind=kind, temperature=temperature)
+        out, per_token = triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs,
+                                             coeff, reduction=reduction, normalize=normalize, kind=kind,
+                                             temperature=temperature)
+        return (out, per_token) if return_per_token else out
     valid, q, q_tail = reference.topk_teacher_weights(topk_ids, topk_logprobs, v, normalize)
     safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     q_logq = torch.where(q > 0, q * torch.log(torch.where(q > 0, q, torch.ones_like(q))), torch.zeros_like(q)).sum(-1)
@@ -164,8 +179,8 @@ def fused_linear_topk_distill_loss(student_hidden: torch.Tensor, student_weight:
         kernel=chunked.TopKKernel(safe_ids, valid, q, q_tail, q_logq, normalize == "tail", kind == "forward_kl"),
         temperature=temperature, chunk_size=_chunk_rows(chunk_size, v), reduce=reduction != "none",
     )
-    out, _ = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
-    return _finish(out, reduction)
+    out, per_token = chunked.run(student_hidden, student_weight, student_bias, coeff, plan)
+    return (_finish(out, reduction), per_token) if return_per_token else _finish(out, reduction)
 
 
 def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, *, bias=None,

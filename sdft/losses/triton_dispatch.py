@@ -5,7 +5,7 @@ and return the per-token losses L [N] together with gradients already scaled by 
 request dW [V, H] and db [V], all in float32. A reduced loss is sum_n c_n L_n and its backward only
 multiplies by grad_output. For reduction "none" (output c_n L_n per token) the hidden-state gradient is
 rescaled per row, and a weight or bias gradient is obtained by calling the kernels once more with the
-coefficients c * grad_output.
+coefficients c * grad_output. Each wrapper returns (loss, per-token losses L [N] detached).
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ class PrecomputedLinearLoss(torch.autograd.Function):
         ctx.flags = (ctx.needs_input_grad[0], need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(dh, dw if reduce and need_w else None, db if reduce and need_b else None, coeff)
-        return out
+        per_token = loss.detach()
+        ctx.mark_non_differentiable(per_token)
+        return out, per_token
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_per_token):
         dh, dw, db, coeff = ctx.saved_tensors
         need_h, need_w, need_b = ctx.flags
         h_dtype, w_dtype, b_dtype = ctx.dtypes

@@ -21,8 +21,8 @@ EXPECTED_SIGNATURES = {
     "fused_linear_kl": "(student_hidden: 'torch.Tensor', student_weight: 'torch.Tensor', teacher_hidden: 'torch.Tensor', "
                        "teacher_weight: 'torch.Tensor', *, kind: 'str' = 'forward', beta: 'float' = 0.5, "
                        "temperature: 'float' = 1.0, mask=None, weights=None, reduction: 'str' = 'token_mean', "
-                       "seq_ids=None, student_bias=None, teacher_bias=None, chunk_size=None, impl: 'str' = 'auto') "
-                       "-> 'torch.Tensor'",
+                       "seq_ids=None, student_bias=None, teacher_bias=None, chunk_size=None, impl: 'str' = 'auto', "
+                       "return_per_token: 'bool' = False)",
     "fused_linear_topk": "(hidden: 'torch.Tensor', weight: 'torch.Tensor', k: 'int', *, bias=None, "
                          "temperature: 'float' = 1.0, chunk_size=None, impl: 'str' = 'auto') "
                          "-> 'tuple[torch.Tensor, torch.Tensor]'",
@@ -31,11 +31,15 @@ EXPECTED_SIGNATURES = {
                                       "normalize: 'str' = 'renormalize', kind: 'str' = 'cross_entropy', "
                                       "temperature: 'float' = 1.0, mask=None, weights=None, "
                                       "reduction: 'str' = 'token_mean', seq_ids=None, student_bias=None, "
-                                      "chunk_size=None, impl: 'str' = 'auto') -> 'torch.Tensor'",
+                                      "chunk_size=None, impl: 'str' = 'auto', return_per_token: 'bool' = False)",
     "fused_linear_token_logprobs": "(hidden: 'torch.Tensor', weight: 'torch.Tensor', token_ids: 'torch.Tensor', *, "
                                    "bias=None, temperature: 'float' = 1.0, chunk_size=None, impl: 'str' = 'auto', "
                                    "return_entropy: 'bool' = False)",
     "resolve_impl": "(impl: 'str', device: 'torch.device') -> 'str'",
+    "topk_loss_from_logprobs": "(student_logprobs: 'torch.Tensor', topk_ids: 'torch.Tensor', "
+                               "teacher_logprobs: 'torch.Tensor', *, vocab_size: 'int', "
+                               "normalize: 'str' = 'renormalize', kind: 'str' = 'cross_entropy', mask=None, "
+                               "weights=None, reduction: 'str' = 'none', seq_ids=None) -> 'torch.Tensor'",
 }
 
 

@@ -159,12 +159,14 @@ def measure(model_name: str = "SmolLM2-135M-Instruct", max_new_tokens: int = 48,
     from dataclasses import replace
 
     from sdft.data import load_jsonl_examples
-    from sdft.evaluation import benchmark_from_examples, evaluate, hf_greedy_generate, load_task_benchmark
+    from sdft.evaluation import benchmark_from_examples, evaluate, load_task_benchmark
     from sdft.models import load_model_and_tokenizer
     from sdft.prompts import teacher_messages
+    from sdft.sampling import NativeSampler
 
     model, tokenizer = load_model_and_tokenizer(model_name)
-    generate = hf_greedy_generate(model, tokenizer, batch_size=batch_size)
+    sampler = NativeSampler(model, tokenizer, batch_size=batch_size)
+    generate = sampler.greedy
     heldout = load_jsonl_examples(HERE / "heldout.jsonl")
     as_teacher = [replace(e, messages=tuple(teacher_messages(e, "official"))) for e in heldout]
     benchmarks = {
