@@ -250,9 +250,10 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
 
 
 def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark, int | None]], generate: GenerateFn, tokenizer: Any, *,
-                        predictions_dir: str | os.PathLike, tag: str = "", max_prompt_tokens: int | None = None,
+                        predictions_dir: str | os.PathLike | None, tag: str = "", max_prompt_tokens: int | None = None,
                         chunk_size: int | None = None, progress: bool = False) -> dict[str, EvalResult]:
-    """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl; with
+    """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl (None: not
+    written); with
     `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call)."""
     from sdft.logs import ProgressBar
 
@@ -262,7 +263,8 @@ def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark, int | None]], gene
         with ProgressBar(n_items, desc=f"eval {benchmark.name}{tag}", enabled=progress) as bar:
             results[benchmark.name] = evaluate(
                 benchmark, generate, tokenizer, max_prompt_tokens=max_prompt_tokens, max_items=max_items,
-                predictions_path=Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl", chunk_size=chunk_size,
+                predictions_path=None if predictions_dir is None else Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl",
+                chunk_size=chunk_size,
                 on_progress=bar.update)
     return results
 
