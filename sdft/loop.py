@@ -22,7 +22,8 @@ from sdft.batches import EncodedExample, batch_indices
 from sdft.checkpoint import capture_rng_state, load_latest_intact, restore_rng_state, save_checkpoint
 from sdft.config import Config, config_to_dict, dump_config
 from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
-from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
+from sdft.logs import (MetricsLogger, ProgressBar, check_logging_requirements, plot_learning_curves,
+                       write_summary)
 from sdft.objectives import build_objective
 from sdft.parallel import Parallel
 from sdft.rundir import RunFolder, claim_run_folder
@@ -90,7 +91,8 @@ def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Pa
     return evaluate_benchmarks(chosen, parallel.share_generate(generate), tokenizer,
                                predictions_dir=run_dir / "predictions" if parallel.is_main else None, tag=tag,
                                max_prompt_tokens=config.data.max_prompt_tokens,
-                               chunk_size=config.eval.batch_size * parallel.world_size, progress=progress)
+                               chunk_size=config.eval.batch_size * parallel.world_size, progress=progress,
+                               chat_template_kwargs=config.data.chat_template_kwargs)
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict:
@@ -137,6 +139,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
                                 steps=steps, step_fn=step_fn, run_dir=run_dir, notes=notes, parallel=parallel,
                                 stop_after=stop_after, run_folder=claimed)
     run_dir = run_folder.path
+    if is_main_process:
+        check_logging_requirements(config.logging.trackers, config.logging.plot)
     show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
     ckpt, damaged = load_latest_intact(run_dir) if config.resume else (None, [])
@@ -163,7 +167,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         dump_config(config, run_dir / "config.yaml")
     last = steps if stop_after is None else min(steps, stop_after)
     reevaluate = checkpoint_path is not None and start_step == last == steps  # only the final evaluation again
-    logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard,
+    logger = MetricsLogger(run_dir, report_to=config.logging.trackers, run_name=config.run_name,
+                           project=config.logging.project, config=config_to_dict(config),
                            resume_step=start_step if checkpoint_path is not None else None,
                            keep_at_resume_step=("train",) if reevaluate else None) if is_main_process else None
 

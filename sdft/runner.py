@@ -32,13 +32,19 @@ def validate_run(config: Config) -> list[str]:
     data loads and encodes, and every benchmark loads. Returns human-readable lines; raises on the first problem."""
     from sdft.backends import preflight
 
+    from sdft.logs import check_logging_requirements
+
     lines = [f"config: ok ({config.algorithm}, teacher {config.teacher.mode}, objective {config.objective.targets}, "
              f"backend {config.backend.kind})"]
+    check_logging_requirements(config.logging.trackers, config.logging.plot)
+    lines.append(f"logging: ok (trackers: {', '.join(config.logging.trackers) or 'none'}; "
+                 f"plot {'on' if config.logging.plot else 'off'})")
     tokenizer, model_lines = preflight(config)
     lines += model_lines
     data = load_run_data(config)
     encoded = encode_examples(tokenizer, data.train, template=config.teacher.template,
-                              max_prompt_tokens=config.data.max_prompt_tokens)
+                              max_prompt_tokens=config.data.max_prompt_tokens,
+                              chat_template_kwargs=config.data.chat_template_kwargs)
     lines += [f"data: ok ({note})" for note in data.notes]
     lines.append(f"prompts: {truncation_report(encoded, config.data.max_prompt_tokens).describe()}")
     for benchmark, max_items in build_benchmarks(config, data.heldout):
@@ -80,7 +86,8 @@ def _train_in_folder(config: Config, folder: RunFolder, parallel: Parallel, stop
     backend = build_backend(config, steps=steps, parallel=parallel, run_dir=run_dir)
     tokenizer = backend.tokenizer
     train = encode_examples(tokenizer, data.train, template=config.teacher.template,
-                            max_prompt_tokens=config.data.max_prompt_tokens)
+                            max_prompt_tokens=config.data.max_prompt_tokens,
+                            chat_template_kwargs=config.data.chat_template_kwargs)
     benchmarks = build_benchmarks(config, data.heldout)
     make_step = sdft_step_fn if config.algorithm == "sdft" else sft_step_fn
     step_fn = make_step(config, rank=parallel.rank, world_size=parallel.world_size)

@@ -103,7 +103,11 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
     if kind == "local":
         from sdft.backends.local import LocalBackend
 
-        if model is None:
+        if model is None and parallel.ram_efficient_loading:
+            from sdft.parallel import load_on_main_only
+
+            model, tokenizer = load_on_main_only(config.model, parallel, dtype=LocalBackend.weights_dtype(config, parallel))
+        elif model is None:
             model, tokenizer = load_configured(config.model, dtype=LocalBackend.weights_dtype(config, parallel))
         return LocalBackend(model, tokenizer, student=config.student, teacher=config.teacher, optim=config.optim,
                             generation=config.generation, model_settings=config.model, steps=steps,

@@ -58,10 +58,11 @@ class LocalBackend:
         self.forward_batch_size = forward_batch_size
         weights_dtype = self.weights_dtype_of(model_settings, optim, parallel)
         sharded_masters = weights_dtype != DTYPES[model_settings.dtype]  # bf16 compute over fp32 shards
-        model.to(dtype=weights_dtype)
-        if device is not None:
-            model.to(device)
-        self.device = next(model.parameters()).device
+        if not any(p.is_meta for p in model.parameters()):  # (meta: filled from the main process when sharded)
+            model.to(dtype=weights_dtype)
+            if device is not None:
+                model.to(device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if student.mode == "lora":
             model = wrap_lora(model, rank=student.lora_rank, alpha=student.lora_alpha, dropout=student.lora_dropout,
                               target_modules=list(student.lora_target_modules), seed=seed)
