@@ -134,7 +134,17 @@ class GenerationConfig(Section):
     max_new_tokens: int = setting(1024, ge=1, doc="completion length cap of on-policy samples")
     temperature: float = setting(1.0, gt=0)
     top_p: float = setting(1.0, gt=0, le=1)
-    batch_size: int = setting(8, ge=1, doc="prompts per sampling call")
+    batch_size: int = setting(8, ge=1, doc="prompts per sampling call (native engine)")
+    engine: Literal["native", "vllm"] = setting(
+        "native", doc="native: batched KV-cache decoding in PyTorch; vllm: an in-process vLLM engine (the "
+                      "[vllm] extra), weights reloaded after every optimizer step")
+    vllm_gpu_memory_utilization: float = setting(0.3, gt=0, le=1, doc="engine=vllm on a GPU: its share of the "
+                                                                      "GPU's memory")
+    vllm_cpu_kv_cache_gib: float = setting(1.0, gt=0, doc="engine=vllm on the CPU: its KV cache (GiB)")
+    vllm_max_model_len: Optional[int] = setting(None, ge=1, doc="engine=vllm: longest prompt + completion "
+                                                                "(null: the model's)")
+    vllm_sleep: Optional[bool] = setting(None, doc="engine=vllm: sleep between generations, weights and KV "
+                                                   "cache off the GPU (null: on GPUs)")
 
 
 @dataclass(frozen=True)

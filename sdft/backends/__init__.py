@@ -58,6 +58,9 @@ def check_backend_config(config: "Config") -> None:
     if kind == "tinker" and not config.backend.tinker_base_model:
         raise ValueError("invalid config: backend.kind=tinker needs backend.tinker_base_model (the Tinker base "
                          "model name)")
+    if kind != "local" and config.generation.engine != "native":
+        fail(f"generation.engine={config.generation.engine}: only the local backend decodes with it; allowed: "
+             "generation.engine=native")
     if config.student.mode not in limits.student_modes:
         fail(f"student.mode={config.student.mode}: {limits.why}; allowed: student.mode="
              + " or ".join(limits.student_modes))
@@ -92,7 +95,7 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
     tinker: `service_client` (None: the offline stand-in serving model.name when
     backend.tinker_service=offline, with its checkpoints under run_dir/tinker_offline; else the Tinker API,
     which needs TINKER_API_KEY)."""
-    from sdft.models import configured_tokenizer, load_configured
+    from sdft.models import configured_tokenizer, load_configured, resolve_model_path
     from sdft.parallel import Parallel
 
     parallel = parallel or Parallel()
@@ -109,10 +112,14 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
             model, tokenizer = load_on_main_only(config.model, parallel, dtype=LocalBackend.weights_dtype(config, parallel))
         elif model is None:
             model, tokenizer = load_configured(config.model, dtype=LocalBackend.weights_dtype(config, parallel))
+        model_path = None
+        if config.generation.engine == "vllm":  # the engine starts from the student's folder
+            model_path = resolve_model_path(config.model.name, cache_dir=config.model.cache_dir)
         return LocalBackend(model, tokenizer, student=config.student, teacher=config.teacher, optim=config.optim,
                             generation=config.generation, model_settings=config.model, steps=steps,
                             device=device if device is not None else parallel.device, seed=config.seed,
-                            sampler_seed=config.seed + 1000003 * parallel.rank, parallel=parallel)
+                            sampler_seed=config.seed + 1000003 * parallel.rank, parallel=parallel,
+                            model_path=model_path)
     from sdft.backends.tinker import TinkerBackend, require_api_key
 
     if service_client is None and config.backend.tinker_service == "offline":

@@ -40,9 +40,9 @@ Where it differs from the real service:
   adapter's layers are the model's attention (train_attn), MLP (train_mlp) and output (train_unembed)
   linear layers; the LoRA init is peft's, drawn from the CPU RNG seeded with `seed`, exactly as
   `LocalBackend` draws it, so both start from the same adapter.
-- `SamplingParams.seed` seeds a torch.Generator per request and completions are decoded by
-  `sdft.sampling.native.decode_batch`, so a prompt sampled with seed s gives the same completion here as
-  `LocalBackend.sample(..., seeds=[s])` decoding it alone (generation_batch_size=1).
+- `SamplingParams.seed` is the stream seed of the request's first sample (the others' are drawn from a
+  generator seeded with it) and completions are decoded by `sdft.sampling.native.decode_batch`, so a
+  prompt sampled with seed s gives the same completion here as `LocalBackend.sample(..., seeds=[s])`.
 - Saved weights are kept in memory (the last few by path; a sampling client keeps its own snapshot) and,
   when `root` is given, save_state writes its adapter + optimizer state to root/<run id>/weights/<name>/
   together with the snapshots live sampling clients use (root/<run id>/sampler_weights/<name>/, e.g. a
@@ -68,7 +68,8 @@ from torch import nn
 
 from sdft.lm import check_plain_output_head, hidden_states
 from sdft.sampling.base import padding_token_id, stop_token_ids
-from sdft.sampling.native import decode_batch, draw_token
+from sdft.sampling.draw import counter_uniforms, draw_seeds, draw_tokens, greedy_tokens
+from sdft.sampling.native import decode_batch
 from sdft.checkpoint import check_state_tensors
 
 try:  # the SDK is an optional dependency: `pip install sdft[tinker]`
@@ -462,24 +463,21 @@ class OfflineSamplingClient:
         _check_last_n(last_n, len(tokens))
         greedy = params.top_k == 1 or params.temperature == 0
         stop = _stop_ids(params.stop, engine.eos)
-        generator = engine.generator
-        if params.seed is not None:
-            generator = torch.Generator(device=engine.device)
-            generator.manual_seed(int(params.seed))
+        seeds = None if greedy else _sample_seeds(params.seed, num_samples, engine.generator)
         prompt_lp = top = None
         last_row = None
         if include_prompt_logprobs:
             prompt_lp, top, last_row = self._prompt_scores(tokens, topk, last_n)
+        if last_row is not None and params.max_tokens == 1:  # one token from the prompt pass already made
+            drawn = _one_token(last_row, greedy, params, seeds, stop, num_samples)
+        else:
+            with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
+                drawn = decode_batch(
+                    causal_lm, [tokens] * num_samples, max_new_tokens=params.max_tokens,
+                    temperature=params.temperature or 1.0, top_p=params.top_p, greedy=greedy,
+                    pad_token_id=engine.pad, eos_token_ids=stop, seeds=seeds)
         sequences = []
-        for _ in range(num_samples):
-            if last_row is not None and params.max_tokens == 1:  # one token from the prompt pass already made
-                ids, lps, finished = _one_token(last_row, greedy, params, generator, stop)
-            else:
-                with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
-                    ids, lps, finished = decode_batch(
-                        causal_lm, [tokens], max_new_tokens=params.max_tokens, temperature=params.temperature or 1.0,
-                        top_p=params.top_p, greedy=greedy, pad_token_id=engine.pad, eos_token_ids=stop,
-                        generators=None if greedy else [generator])[0]
+        for ids, lps, finished in drawn:
             engine.sequences += 1
             sequences.append(types.SampledSequence(
                 stop_reason="stop" if finished else "length", sequence_id=f"offline-{engine.sequences}",
@@ -843,16 +841,24 @@ def _stop_ids(stop, eos: list[int]) -> list[int]:
     return [int(s) for s in stop]
 
 
-def _one_token(last_row: torch.Tensor, greedy: bool, params, generator, stop) -> tuple[list[int], list[float], bool]:
-    """One token drawn from the last prompt position's log-probs [V] (as decode_batch would)."""
-    logits = last_row.float()[None]  # log-probs differ from logits by a constant per row
+def _sample_seeds(seed: int | None, num_samples: int, generator: torch.Generator) -> list[int]:
+    """The stream seed of each of the num_samples samples of one request: `seed` for the first (as a local
+    sample with that seed), then seeds drawn from a generator seeded with it; without a seed, all drawn
+    from the service's generator."""
+    if seed is None:
+        return draw_seeds(generator, num_samples)
+    return [int(seed)] + draw_seeds(torch.Generator().manual_seed(int(seed)), num_samples - 1)
+
+
+def _one_token(last_row: torch.Tensor, greedy: bool, params, seeds, stop,
+               num_samples: int) -> list[tuple[list[int], list[float], bool]]:
+    """One token per sample drawn from the last prompt position's log-probs [V] (as decode_batch would)."""
+    logits = last_row.float()[None].expand(num_samples, -1)  # log-probs differ from logits by a constant per row
     if greedy:
-        token = int(logits.argmax(-1))
-        token_lp = float(torch.log_softmax(logits, -1)[0, token])
+        drawn, drawn_lp = greedy_tokens(logits)
     else:
-        drawn, drawn_lp = draw_token(logits, params.temperature, params.top_p, generators=[generator])
-        token, token_lp = int(drawn[0]), float(drawn_lp[0])
-    return [token], [token_lp], token in stop
+        drawn, drawn_lp = draw_tokens(logits, counter_uniforms(seeds, 1)[:, 0], params.temperature, params.top_p)
+    return [([int(token)], [float(lp)], int(token) in stop) for token, lp in zip(drawn, drawn_lp)]
 
 
 def _datum_tokens(datum, i: int) -> list[int]:
