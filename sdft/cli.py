@@ -158,6 +158,8 @@ def _evaluate(args) -> int:
         report = evaluate_model(load_config(args.config, args.overrides), out_dir=args.out, device=parallel.device,
                                 progress=True)
     parallel.close()
+    for note in report["notes"]:  # damaged checkpoints skipped, a checkpoint without checksums
+        print(f"note: {note}", file=sys.stderr)
     print(f"evaluated {report['model'] if report['run'] is None else report['run'] + ' at ' + report['checkpoint']}:"
           f" {report['out_dir']}")
     for name, row in report["benchmarks"].items():
@@ -224,6 +226,9 @@ def main(argv: Sequence[str] | None = None, *, script: Sequence[str] | None = No
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a failed save (sdft.checkpoint.CheckpointWriteError: full disk, ...) or other I/O
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ class Config(Section):
     seed: int = 0
     run_name: str = setting("sdft", check=_check_run_name)
     output_dir: str = setting("runs", check=_check_non_empty)
-    resume: bool = setting(False, doc="continue the run in output_dir/run_name from its latest checkpoint")
+    resume: bool = setting(False, doc="continue the run in output_dir/run_name from its newest intact checkpoint")
+    overwrite: bool = setting(False, doc="start anew in a folder that holds a run: the old folder is moved aside")
     algorithm: Literal["sdft", "sft"] = setting("sdft", doc="sft: the cross-entropy baseline on the demonstrations")
     model: ModelConfig = subsection(ModelConfig)
     student: StudentConfig = subsection(StudentConfig)

@@ -23,11 +23,13 @@ RESULTS_MD = "results.md"
 @dataclass(frozen=True)
 class RunStudent:
     """A local run's student rebuilt from its folder: the backend holding it, its tokenizer, the run's
-    config and the checkpoint folder whose weights were loaded."""
+    config, the checkpoint folder whose weights were loaded, and notes on how it was chosen (damaged newer
+    checkpoints skipped, a checkpoint without checksums)."""
     backend: object
     tokenizer: object
     config: Config
     checkpoint: Path
+    notes: tuple[str, ...] = ()
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -50,7 +52,7 @@ def find_run_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLik
             raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
         return path
     candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
-    path = next((c for c in candidates if (c / "state.json").is_file()), None)
+    path = next((c for c in candidates if c.is_dir()), None)  # loading then names what a damaged one lacks
     if path is None:
         names = [p.name for p in list_checkpoints(run_dir)]
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
@@ -62,17 +64,31 @@ def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLik
                      overrides: list[str] | tuple[str, ...] = (), device=None) -> RunStudent:
     """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
     `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints, or a path; default:
-    the latest complete checkpoint)."""
+    the newest intact checkpoint). The checkpoint's files are verified (sdft.checkpoint.load_checkpoint): a
+    damaged chosen checkpoint is a CheckpointError naming the file; without `checkpoint`, damaged newer ones
+    are skipped and said in `notes`."""
     from sdft.backends import build_backend, require_local_weights
-    from sdft.checkpoint import load_checkpoint
+    from sdft.checkpoint import load_checkpoint, load_latest_intact
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, overrides)
     require_local_weights(config, str(run_dir / "config.yaml"))
-    path = find_run_checkpoint(run_dir, checkpoint)
+    notes = []
+    if checkpoint is None:
+        loaded, damaged = load_latest_intact(run_dir, objects=False)
+        if loaded is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+        notes += [f"damaged checkpoint skipped: {line}" for line in damaged]
+        if damaged:
+            notes.append(f"evaluated {loaded.path.name}, the newest intact checkpoint")
+    else:
+        loaded = load_checkpoint(find_run_checkpoint(run_dir, checkpoint), objects=False)
+    if not loaded.verified:
+        notes.append(f"{loaded.path.name} was saved without checksums by an earlier version: loaded unverified")
     backend = build_backend(config, steps=1, device=device)
-    backend.load_state_tensors(load_checkpoint(path).tensors)
-    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=path)
+    backend.load_state_tensors(loaded.tensors)
+    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=loaded.path,
+                      notes=tuple(notes))
 
 
 def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None,
@@ -83,7 +99,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>);
     `progress` draws a bar per benchmark (items done, time left).
 
-    Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: the
+    Returns the results.json content: {"model", "run", "checkpoint", "notes", "out_dir", "benchmarks": {name: the
     `EvalResult` fields ("name", "split", "n", "correct", "pass_at_1", "ci_low", "ci_high", "per_item" as 0/1)
     and "max_new_tokens"}}.
     """
@@ -98,7 +114,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         config, tokenizer = student.config, student.tokenizer
         generate = lambda prompts, n: student.backend.generate_greedy(  # noqa: E731
             prompts, n, batch_size=config.eval.batch_size)
-        described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name}
+        described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name, "notes": list(student.notes)}
     else:
         if config is None:
             raise ValueError("give a config (to evaluate its model.name) or a run folder")
@@ -109,7 +125,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         if device is not None:
             model.to(device)
         generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy
-        described = {"run": None, "checkpoint": None}
+        described = {"run": None, "checkpoint": None, "notes": []}
     if not config.eval.benchmarks:
         raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")
     data = load_run_data(config)
