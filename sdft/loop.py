@@ -86,7 +86,7 @@ def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Pa
     chosen = [(b, m) for b, m in benchmarks if only is None or only(b)]
     return evaluate_benchmarks(chosen, generate, tokenizer, predictions_dir=run_dir / "predictions", tag=tag,
                                max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                               progress=progress)
+                               progress=progress, causal_lm=getattr(backend, "causal_lm", None))
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict:

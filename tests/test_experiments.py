@@ -59,7 +59,14 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
                 "seeds: [0, 1]\n"
                 "presets:\n  small: {methods: [topk, sft], notes: [small preset]}\n")
     else:
-        body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\n" + tasks +
+        facts = tmp_path / "facts"
+        facts.mkdir()
+        (facts / "tasks.jsonl").write_text("".join(json.dumps(
+            {"task_id": f"f{i}", "instruction": f"Say {word}.", "verifier": {"kind": "in_process", "fn_name": "contains",
+                                                                         "expected": [word]}}) + "\n"
+            for i, word in enumerate(["yes", "no", "maybe", "blue"])))
+        tasks += f"  facts: {{title: Facts, kind: tasks, test_path: {facts}, benchmark: {{max_new_tokens: 3}}}}\n"
+        body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\nreference: sft\n" + tasks +
                 "methods:\n"
                 "  sft: {label: SFT, overrides: [algorithm=sft]}\n"
                 "  sdft_topk: {label: SDFT top-K, overrides: [objective.targets=topk, objective.topk.k=5]}\n"
@@ -218,11 +225,17 @@ def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, 
     stage2 = (cells / "s2_sdft_topk_lr0.001_seed0" / "config.yaml").read_text()
     assert f"name: {export}" in stage2 and "kind: science" in stage2
     text = tables.read_text()
-    for needle in ("## Stage 1: train on Tool, evaluate both tasks", "## Stage 2: train on Sci",
-                   "| Method | LR | Tool | Sci | Sci Δ vs base |", "| Method | LR | Tool | Sci | Tool retention |",
+    for needle in ("## Stage 1: train on Tool, evaluate every task", "## Stage 2: train on Sci",
+                   "| Method | LR | Tool | Sci | Facts | Tool Δ vs base | Sci Δ vs base | Facts Δ vs base |",
+                   "| Method | LR | Tool | Sci | Facts | Tool retention |",
+                   "| Method | LR | Tool Δ stage 2 | Sci Δ stage 2 | Facts Δ stage 2 | Tool Δ vs base |",
+                   "## Paired difference vs SFT after stage 1", "## Paired difference vs SFT after stage 2",
+                   "| Method | LR | Δ Tool | Δ Sci | Δ Facts |", "Facts: " + str(tmp_path / "facts") + " (evaluated only)",
                    "| SDFT top-K | 0.001 |", "| Base model |", "| Method | LR | When | Tool (actions) |",
                    "| SFT | 0.001 | after stage 2 |"):
         assert needle in text, needle
+    facts = json.loads((cells / "s2_sdft_topk_lr0.001_seed0" / RESULT_FILE).read_text())["scores"]["facts"]
+    assert len(facts) == 4  # the evaluation-only task is scored in every cell
     assert (tables.parent / "stages.png").stat().st_size > 0
 
     # re-evaluation with longer science completions: every cell again, no step, the stage-1 export untouched

@@ -58,6 +58,10 @@ def check_backend_config(config: "Config") -> None:
     if kind == "tinker" and not config.backend.tinker_base_model:
         raise ValueError("invalid config: backend.kind=tinker needs backend.tinker_base_model (the Tinker base "
                          "model name)")
+    lm_eval = [b.name for b in config.eval.benchmarks if b.kind == "lm_eval"]
+    if lm_eval and not limits.local_weights:
+        fail(f"eval.benchmarks {lm_eval} of kind lm_eval: the harness scores a model held in this process; "
+             "remove them, or evaluate with backend.kind=local")
     if config.student.mode not in limits.student_modes:
         fail(f"student.mode={config.student.mode}: {limits.why}; allowed: student.mode="
              + " or ".join(limits.student_modes))
