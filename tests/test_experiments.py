@@ -422,3 +422,42 @@ def test_a_changed_split_is_refused(tmp_path):
     moved = dataclasses.replace(task, split_seed=task.split_seed + 1, test_fraction=0.5)
     with pytest.raises(ValueError, match="holds a different split"):
         prepare_task(moved, tmp_path / "data")
+
+
+def test_presets_add_and_remove_tasks_and_evaluation_only_tasks_are_not_trained(tmp_path):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    train, test = tmp_path / "t.jsonl", tmp_path / "h.jsonl"
+    for file in (train, test):
+        file.write_text(json.dumps({"inputs": {"question": "q"}, "expected": "a"}) + "\n")
+    path.write_text(path.read_text() + (
+        f"  own:\n    train_task: calls\n    tasks:\n      tool: null\n      sci: null\n"
+        f"      calls: {{title: Calls, kind: jsonl, train_path: {train}, test_path: {test}}}\n"
+        f"      facts: {{title: Facts, kind: tasks, test_path: {tmp_path}}}\n"
+        f"      hella: {{title: HellaSwag, kind: lm_eval, benchmark: {{task: hellaswag, metric: acc_norm}}}}\n"))
+    spec = load_spec(path, "own")
+    assert list(spec.tasks) == ["calls", "facts", "hella"] and spec.extra["train_task"] == "calls"
+    assert [t.trainable for t in spec.tasks.values()] == [True, False, False]
+    data = {name: prepare_task(task, tmp_path / "data") for name, task in spec.tasks.items()}
+    assert data["calls"].train == str(train) and data["facts"].train is None and data["hella"].test is None
+    from sdft.experiments.ablation import ablation_cells
+
+    base, groups = ablation_cells(spec, data, tmp_path, methods=["sft"], seeds=[0])
+    config = groups["sft"][0].config
+    assert config.data.kind == "jsonl" and config.data.path == str(train)
+    assert [(b.name, b.kind, b.path) for b in config.eval.benchmarks] == [
+        ("calls", "jsonl", str(test)), ("facts", "tasks", str(tmp_path)), ("hella", "lm_eval", None)]
+    assert config.eval.benchmarks[2].task == "hellaswag" and config.eval.benchmarks[2].metric == "acc_norm"
+    with pytest.raises(ValueError, match="train_task 'facts' is evaluated only .*can be trained on: \\['calls'\\]"):
+        ablation_cells(dataclasses.replace(spec, extra={"train_task": "facts"}), data, tmp_path, methods=["sft"],
+                       seeds=[0])
+    text = path.read_text()
+    for mutate, message in (
+            (lambda t: t.replace("      tool: null\n", "      tool2: {title: x}\n"),
+             r"presets.own.tasks.tool2 is not a task; .*a new task needs its 'kind'"),
+            (lambda t: t.replace("kind: tasks, test_path", "kind: tasks, train_path: x, test_path"),
+             r"tasks.facts'.*test_path alone"),
+            (lambda t: t.replace("benchmark: {task: hellaswag, metric: acc_norm}", "benchmark: {metric: acc}"),
+             r"tasks.hella.benchmark.task")):
+        path.write_text(mutate(text))
+        with pytest.raises(ValueError, match=message):
+            load_spec(path, "own")

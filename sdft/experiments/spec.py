@@ -17,6 +17,7 @@ Shared layout of `configs/ablation_*.yaml` and `configs/continual_learning.yaml`
     overrides: [...]                       # applied to every cell
     presets:                               # named variants; a preset may replace seeds/methods/tasks fields
       tiny: {overrides: [...], seeds: [0, 1], tasks: {tooluse: {benchmark: {max_items: 26}}}, notes: [...]}
+      laptop: {tasks: {tooluse: null, facts: {kind: tasks, ...}}}   # null removes a task, a `kind` adds one
     default_preset: tiny
 
 Task kinds: `tooluse` and `science` (the official folders), `jsonl` (PromptExample JSONL files, scored by
@@ -192,10 +193,15 @@ def _apply_preset(raw: dict, body: Mapping[str, Any], where: str, preset: str) -
         elif key == "tasks":
             _expect(isinstance(value, dict), where, f"presets.{preset}.tasks", "a mapping of task -> fields")
             for task, fields in value.items():
-                if task not in out.get("tasks", {}):
-                    raise ValueError(f"{where}: presets.{preset}.tasks.{task} is not a task; "
-                                     f"allowed: {sorted(out.get('tasks', {}))}")
-                out["tasks"][task] = _deep_merge(out["tasks"][task], fields)
+                if fields is None:      # `task: null` removes a task
+                    out.get("tasks", {}).pop(task, None)
+                elif task in out.get("tasks", {}):
+                    out["tasks"][task] = _deep_merge(out["tasks"][task], fields)
+                elif isinstance(fields, dict) and "kind" in fields:   # a whole new task
+                    out.setdefault("tasks", {})[task] = copy.deepcopy(fields)
+                else:
+                    raise ValueError(f"{where}: presets.{preset}.tasks.{task} is not a task; allowed: "
+                                     f"{sorted(out.get('tasks', {}))} (a new task needs its 'kind'; null removes one)")
         else:
             out[key] = copy.deepcopy(value)
     return out
