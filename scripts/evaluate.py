@@ -17,7 +17,7 @@ import sys
 
 from sdft.config import load_config
 from sdft.eval_run import evaluate_model
-from sdft.runner import detect_distributed
+from sdft.parallel import setup_parallel
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     if args.checkpoint is not None and args.run is None:
         parser.error("--checkpoint needs --run")
     try:
-        device = detect_distributed().device
+        device = setup_parallel().device
         if args.run is not None:
             report = evaluate_model(None, run_dir=args.run, checkpoint=args.checkpoint, overrides=args.overrides,
                                     out_dir=args.out, device=device, progress=True)

@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from sdft.config import load_config
-from sdft.runner import detect_distributed, train_from_config, validate_run
+from sdft.parallel import setup_parallel
+from sdft.runner import train_from_config, validate_run
 
 
 def main(argv=None) -> int:
@@ -24,12 +25,12 @@ def main(argv=None) -> int:
             for line in validate_run(config):
                 print(line)
             return 0
-        dist = detect_distributed()
-        result = train_from_config(config, dist=dist)
+        parallel = setup_parallel()
+        result = train_from_config(config, parallel=parallel)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if dist.is_main:
+    if parallel.is_main:
         print(f"run folder: {result.run_dir} (summary.md, metrics.jsonl, predictions/, learning_curves.png)")
         for name, after in result.scores_after.items():
             before = result.scores_before.get(name)

@@ -83,7 +83,8 @@ def build_benchmarks(config: Config,
         if bench.kind == "lm_eval":
             folder = None if bench.path is None else str(resolve_path(bench.path))
             benchmark = LmEvalBenchmark(
-                name=bench.name, task=bench.task, include_path=folder, metric=bench.metric, num_fewshot=bench.num_fewshot, chat_template=bench.chat_template,
+                name=bench.name, task=bench.task, include_path=folder, metric=bench.metric,
+                num_fewshot=bench.num_fewshot, chat_template=bench.chat_template,
                 allow_code_execution=bench.allow_code_execution, **common)
         elif bench.kind == "tasks":
             benchmark = load_task_benchmark(resolve_path(bench.path), name=bench.name, **common)

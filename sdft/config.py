@@ -67,6 +67,9 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float64"] = setting(
         "float32", doc="weights and compute dtype (float64: for numerics checks)")
     gradient_checkpointing: bool = setting(False, doc="recompute activations in the backward pass")
+    revision: Optional[str] = setting(None, doc="hub id: the branch, tag or commit to load")
+    trust_remote_code: bool = setting(False, doc="hub id: allow the model's own modeling code")
+    attn_implementation: Optional[str] = setting(None, doc="transformers attention: e.g. sdpa, eager, flash_attention_2")
     cache_dir: Optional[str] = setting(None, doc="where the packaged model is converted to (default ~/.cache/sdft)")
 
 

@@ -73,10 +73,9 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     and "max_new_tokens"}}.
     """
     from sdft.backends import require_local_weights
-    from sdft.backends.local import DTYPES
     from sdft.build import build_benchmarks, load_run_data
     from sdft.evaluation import evaluate_benchmarks
-    from sdft.models import load_model_and_tokenizer
+    from sdft.models import load_configured
     from sdft.sampling import NativeSampler
 
     if run_dir is not None:
@@ -85,15 +84,14 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         generate = lambda prompts, n: student.backend.generate_greedy(  # noqa: E731
             prompts, n, batch_size=config.eval.batch_size)
         described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name}
-        causal_lm = student.backend.causal_lm
+        causal_lm = student.backend.module
     else:
         if config is None:
             raise ValueError("give a config (to evaluate its model.name) or a run folder")
         if checkpoint is not None:
             raise ValueError("a checkpoint needs the run folder it belongs to (run_dir)")
         require_local_weights(config, "evaluating model.name")
-        model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
-                                                    cache_dir=config.model.cache_dir)
+        model, tokenizer = load_configured(config.model)
         if device is not None:
             model.to(device)
         generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy

@@ -251,11 +251,11 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
 
 
 def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark | LmEvalBenchmark, int | None]], generate: GenerateFn,
-                        tokenizer: Any, *, predictions_dir: str | os.PathLike, tag: str = "",
+                        tokenizer: Any, *, predictions_dir: str | os.PathLike | None, tag: str = "",
                         max_prompt_tokens: int | None = None, chunk_size: int | None = None, progress: bool = False,
                         causal_lm: Any = None) -> dict[str, EvalResult]:
-    """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl; with
-    `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call).
+    """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl (None: not
+    written); with `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call).
 
     An `sdft.lm_eval_bridge.LmEvalBenchmark` is run by the harness on `causal_lm` (the model that
     `generate` decodes; required for such benchmarks) with `chunk_size` as its batch size."""
@@ -264,7 +264,7 @@ def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark | LmEvalBenchmark, 
 
     results = {}
     for benchmark, max_items in benchmarks:
-        path = Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl"
+        path = None if predictions_dir is None else Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl"
         if isinstance(benchmark, LmEvalBenchmark):
             if causal_lm is None:
                 raise ValueError(f"benchmark {benchmark.name!r} (kind lm_eval) needs the model itself, not only a "

@@ -12,12 +12,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["output_layer", "check_plain_output_head", "wrap_lora", "hidden_states", "completion_hidden"]
+__all__ = ["output_layer", "check_plain_output_head", "wrap_lora", "hidden_states", "completion_hidden", "causal_lm_of"]
 
 
-def output_layer(causal_lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the model's output layer, which must be a plain nn.Linear."""
-    head = causal_lm.get_output_embeddings()
+def output_layer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the model's output layer, which must be a plain nn.Linear. Under
+    FSDP2, call it after a forward of the model: the output layer is then gathered (see `sdft.parallel`)."""
+    head = causal_lm_of(model).get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"the output layer must be a plain nn.Linear, got {type(head).__name__}")
     return head.weight, head.bias
@@ -59,9 +60,19 @@ def wrap_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float,
         return get_peft_model(model, config, adapter_name=adapter_name)
 
 
-def hidden_states(causal_lm: nn.Module, sequences: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
-    """Final-norm hidden states [B, L_max, H] of right-padded token lists (position p sees tokens <= p)."""
-    device = next(causal_lm.parameters()).device
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The causal LM inside a DDP wrapper and/or a peft model (the model itself otherwise)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model: nn.Module, sequences: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    """Final-norm hidden states [B, L_max, H] of right-padded token lists (position p sees tokens <= p).
+
+    The model's own forward runs (so that wrappers such as peft and FSDP2 do their work) with logits for the
+    last position only; the decoder's output is taken by a forward hook, so no [B, L, V] logits are built."""
+    device = next(model.parameters()).device
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long, device=device)
     attention = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
@@ -69,8 +80,15 @@ def hidden_states(causal_lm: nn.Module, sequences: Sequence[Sequence[int]], pad_
         ids[b, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         attention[b, :len(seq)] = 1
     positions = torch.arange(width, device=device).expand(len(sequences), width)
+    causal_lm = causal_lm_of(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    return decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+    captured: list[torch.Tensor] = []
+    hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def completion_hidden(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

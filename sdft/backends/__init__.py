@@ -86,39 +86,40 @@ def require_local_weights(config: "Config", where: str) -> None:
                          "evaluated here (a Tinker run's weights live on the Tinker service)")
 
 
-def build_backend(config: "Config", *, steps: int, rank: int = 0, world_size: int = 1, device=None,
-                  grad_sync=None, run_dir: str | os.PathLike | None = None, model=None, tokenizer=None,
-                  service_client=None):
+def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
+                  run_dir: str | os.PathLike | None = None, model=None, tokenizer=None, service_client=None):
     """The backend of `config` for a run of `steps` optimizer steps; its tokenizer is `backend.tokenizer`.
 
-    local: `model`/`tokenizer` (loaded from model.name when not given), on `device`; this process is `rank`
-    of `world_size` (its LoRA init and sampling seed are offset by rank), `grad_sync` averages gradients.
+    local: `model`/`tokenizer` (loaded from model.name when not given), prepared for `parallel`
+    (`sdft.parallel.Parallel`: one process, DDP or FSDP2; its device unless `device` is given); the LoRA init
+    is the same on every process, the sampler's own seed is offset by rank.
     tinker: `service_client` (None: the offline stand-in serving model.name when
     backend.tinker_service=offline, with its checkpoints under run_dir/tinker_offline; else the Tinker API,
     which needs TINKER_API_KEY)."""
-    from sdft.models import load_model_and_tokenizer, load_tokenizer
+    from sdft.models import configured_tokenizer, load_configured
+    from sdft.parallel import Parallel
 
+    parallel = parallel or Parallel()
     kind = config.backend.kind
-    if LIMITS[kind].single_process and world_size > 1:
+    if LIMITS[kind].single_process and parallel.world_size > 1:
         raise ValueError(f"backend.kind={kind} runs in one process ({kind} batches the work itself); got "
-                         f"{world_size} processes: launch scripts/train.py without accelerate")
+                         f"{parallel.world_size} processes: launch scripts/train.py without accelerate")
     if kind == "local":
         from sdft.backends.local import LocalBackend
 
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+            model, tokenizer = load_configured(config.model, dtype=LocalBackend.weights_dtype(config, parallel))
         return LocalBackend(model, tokenizer, student=config.student, teacher=config.teacher, optim=config.optim,
-                            generation=config.generation, model_settings=config.model, steps=steps, device=device,
-                            seed=config.seed + 1000003 * rank, grad_sync=grad_sync)
+                            generation=config.generation, model_settings=config.model, steps=steps,
+                            device=device if device is not None else parallel.device, seed=config.seed,
+                            sampler_seed=config.seed + 1000003 * parallel.rank, parallel=parallel)
     from sdft.backends.tinker import TinkerBackend, require_api_key
 
     if service_client is None and config.backend.tinker_service == "offline":
-        from sdft.backends.local import DTYPES
         from sdft.backends.tinker_offline import OfflineServiceClient
 
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(config.model.name, dtype=DTYPES[config.model.dtype],
-                                                        cache_dir=config.model.cache_dir)
+            model, tokenizer = load_configured(config.model)
         if device is not None:
             model.to(device)
         root = Path(run_dir) / "tinker_offline" if run_dir is not None else None
@@ -128,7 +129,7 @@ def build_backend(config: "Config", *, steps: int, rank: int = 0, world_size: in
     elif service_client is None:
         require_api_key()
     if tokenizer is None:
-        tokenizer = load_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+        tokenizer = configured_tokenizer(config.model)
     return TinkerBackend(tokenizer, backend=config.backend, teacher=config.teacher, optim=config.optim, steps=steps,
                          seed=config.seed, service_client=service_client)
 
@@ -136,16 +137,16 @@ def build_backend(config: "Config", *, steps: int, rank: int = 0, world_size: in
 def preflight(config: "Config") -> tuple[object, list[str]]:
     """(tokenizer, report lines) for `--validate`: the model of a local or offline run loads with its chat
     tokenizer; a remote Tinker run needs only the tokenizer here, and the API key is reported."""
-    from sdft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
+    from sdft.models import configured_tokenizer, load_configured, resolve_model_path
 
     backend = config.backend
     if backend.kind == "tinker" and backend.tinker_service == "remote":
         from sdft.backends.tinker import API_KEY_VARIABLE
 
-        tokenizer = load_tokenizer(config.model.name, cache_dir=config.model.cache_dir)
+        tokenizer = configured_tokenizer(config.model)
         key = "set" if os.environ.get(API_KEY_VARIABLE, "").strip() else "NOT set (training will stop)"
         return tokenizer, [f"tokenizer: ok ({config.model.name}, vocabulary {len(tokenizer)}); Tinker base model "
                            f"{backend.tinker_base_model}, {API_KEY_VARIABLE} {key}"]
     model_path = resolve_model_path(config.model.name, cache_dir=config.model.cache_dir)
-    _, tokenizer = load_model_and_tokenizer(model_path, cache_dir=config.model.cache_dir)
+    _, tokenizer = load_configured(config.model)
     return tokenizer, [f"model: ok ({config.model.name} -> {model_path}, vocabulary {len(tokenizer)})"]

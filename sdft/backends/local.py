@@ -10,15 +10,17 @@ hidden states and the output layer's weight.
 from __future__ import annotations
 
 import copy
+import math
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from sdft.backends.base import check_rollouts, check_sft_batch, check_teacher_prompts
 from sdft.config import GenerationConfig, ModelConfig, OptimConfig, StudentConfig, TeacherConfig
-from sdft.lm import check_plain_output_head, completion_hidden, output_layer, wrap_lora
+from sdft.lm import causal_lm_of, check_plain_output_head, completion_hidden, output_layer, wrap_lora
+from sdft.parallel import Parallel, copy_whole, gather_whole
 from sdft.losses import fused_linear_token_logprobs, fused_linear_topk
 from sdft.objectives import (FullVocabTargets, Objective, SampledTargets, StepSums, StudentTokens, Targets,
                              TeacherRequest, TopKTargets)
@@ -33,28 +35,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 class LocalBackend:
     """SDFT on a local Hugging Face causal LM; implements `sdft.backends.base.Backend`.
 
-    The backend takes ownership of `model`: it is cast to model.dtype, moved to `device` and, for
-    student.mode="lora", wrapped in place by peft (adapter B initialized to zero, so the student starts equal
-    to the base model; A drawn from `seed`). `grad_sync`, when given, is called with the trainable parameters
-    after the last backward of a step and before clipping (a data-parallel gradient average). Under full
-    fine-tuning of bf16 weights with optim.master_weights, AdamW updates fp32 master copies
-    (`sdft.optim.MasterWeights`) and the model gets their rounded values. `forward_batch_size` bounds the
-    sequences per teacher forward.
+    The backend takes ownership of `model`: it is cast to model.dtype, moved to `device`, for
+    student.mode="lora" wrapped in place by peft (adapter B initialized to zero, so the student starts equal
+    to the base model; A drawn from `seed`), and prepared for `parallel` (`sdft.parallel`: as it is, a DDP
+    replica, or FSDP2 shards; a full-fine-tuning teacher copy is sharded the same way). Under full fine-tuning
+    of bf16 weights with optim.master_weights, AdamW updates fp32 master copies (`sdft.optim.MasterWeights`;
+    under FSDP2 the shards themselves are fp32 and computed in bf16). `sampler_seed` seeds the sampler's own
+    generator (prompts without seeds); `forward_batch_size` bounds the sequences per teacher forward.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student: StudentConfig = StudentConfig(),
                  teacher: TeacherConfig = TeacherConfig(mode="static"), optim: OptimConfig = OptimConfig(),
                  generation: GenerationConfig = GenerationConfig(), model_settings: ModelConfig = ModelConfig(),
                  steps: int = 1, device: str | torch.device | None = None, seed: int = 0,
-                 grad_sync: Callable[[list[nn.Parameter]], None] | None = None, forward_batch_size: int = 8):
+                 sampler_seed: int | None = None, parallel: Parallel = Parallel(), forward_batch_size: int = 8):
         check_plain_output_head(model)
         self.tokenizer = tokenizer
-        self.notes: list[str] = []
+        self.notes: list[str] = list(parallel.notes)
         self.student_mode = student.mode
         self.optim_settings = optim
-        self.grad_sync = grad_sync
+        self.parallel = parallel
         self.forward_batch_size = forward_batch_size
-        model.to(dtype=DTYPES[model_settings.dtype])
+        weights_dtype = self.weights_dtype_of(model_settings, optim, parallel)
+        sharded_masters = weights_dtype != DTYPES[model_settings.dtype]  # bf16 compute over fp32 shards
+        model.to(dtype=weights_dtype)
         if device is not None:
             model.to(device)
         self.device = next(model.parameters()).device
@@ -63,30 +67,48 @@ class LocalBackend:
                               target_modules=list(student.lora_target_modules), seed=seed)
         else:
             model.requires_grad_(True)
-        self.model = model
         if model_settings.gradient_checkpointing:
-            self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.teacher = build_teacher(model, mode=teacher.mode, ema_alpha=teacher.ema_alpha, ema_fp32=teacher.ema_fp32,
-                                     sync_every=teacher.sync_every if teacher.mode == "sync" else None)
+                                     sync_every=teacher.sync_every if teacher.mode == "sync" else None, bind=False)
+        self.model = parallel.prepare_trainable(model, mixed_precision=sharded_masters)
+        if self.teacher.module is not None:
+            self.teacher.module = parallel.prepare_frozen(self.teacher.module, mixed_precision=sharded_masters)
+        self.teacher.bind(self.model)
         trainable = self._trainable()
-        low = student.mode == "full" and any(p.dtype in LOW_PRECISION for p in trainable.values())
+        low = student.mode == "full" and not parallel.sharded and any(p.dtype in LOW_PRECISION for p in trainable.values())
         self.masters = MasterWeights(trainable) if optim.master_weights and low else None
         self.optimizer = build_optimizer(self.masters.parameters() if self.masters else trainable.values(),
                                          lr=optim.lr, weight_decay=optim.weight_decay, beta1=optim.beta1,
                                          beta2=optim.beta2, eps=optim.eps)
         self.scheduler = build_schedule(self.optimizer, schedule=optim.schedule, total_steps=steps,
                                         warmup_ratio=optim.warmup_ratio)
-        self.sampler = NativeSampler(self.causal_lm, tokenizer, batch_size=generation.batch_size, seed=seed)
+        self.sampler = NativeSampler(self.module, tokenizer, batch_size=generation.batch_size,
+                                     seed=seed if sampler_seed is None else sampler_seed,
+                                     sync_stop=parallel.any if parallel.sharded else None)
         self.pad_token_id = self.sampler.pad_id
 
     # ----------------------------------------------------------------------------------------- model
+    @staticmethod
+    def weights_dtype_of(model_settings: ModelConfig, optim: OptimConfig, parallel: Parallel) -> torch.dtype:
+        """The dtype the weights are held in: model.dtype, except fp32 under FSDP2 when bf16 compute keeps fp32
+        master weights (the shards are the masters)."""
+        dtype = DTYPES[model_settings.dtype]
+        return torch.float32 if parallel.sharded and dtype in LOW_PRECISION and optim.master_weights else dtype
+
+    @classmethod
+    def weights_dtype(cls, config, parallel: Parallel) -> torch.dtype:
+        """`weights_dtype_of` for a run config: load the model in it directly."""
+        return cls.weights_dtype_of(config.model, config.optim, parallel)
+
     @property
-    def causal_lm(self) -> nn.Module:
-        """The causal LM module (for a peft model, the base model with the adapter layers injected)."""
-        return self.model.get_base_model() if self.student_mode == "lora" else self.model
+    def module(self) -> nn.Module:
+        """The student's root module for computations without gradient sync (a DDP replica's inner module)."""
+        return self.parallel.unwrap(self.model)
 
     def _trainable(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable parameters by their unwrapped names (the same under DDP, FSDP2 and one process)."""
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
 
     @property
     def lr(self) -> float:
@@ -111,16 +133,16 @@ class LocalBackend:
         request: TeacherRequest = objective.teacher_request
         kw = dict(temperature=request.temperature, chunk_size=request.chunk_size, impl=request.impl)
         hidden_out, entropy_out, ids_out, lps_out = [], [], [], []
-        with self.teacher.active() as causal_lm:
-            weight, bias = (t.detach() if t is not None else None for t in output_layer(causal_lm))
-            if request.kind == "topk" and request.k > weight.shape[0]:
-                raise ValueError(f"objective.topk.k must be at most the vocabulary size {weight.shape[0]}, "
-                                 f"got {request.k}")
+        with self.teacher.active() as model:
+            vocab = causal_lm_of(model).get_output_embeddings().weight.shape[0]
+            if request.kind == "topk" and request.k > vocab:
+                raise ValueError(f"objective.topk.k must be at most the vocabulary size {vocab}, got {request.k}")
             for start in range(0, len(rollouts), self.forward_batch_size):
                 chunk = rollouts[start:start + self.forward_batch_size]
                 lengths = [len(r.completion_ids) for r in chunk]
-                hidden = completion_hidden(causal_lm, prompts[start:start + len(chunk)],
+                hidden = completion_hidden(model, prompts[start:start + len(chunk)],
                                            [r.completion_ids for r in chunk], self.pad_token_id)
+                weight, bias = (t.detach() if t is not None else None for t in output_layer(model))
                 token_lp, entropy = fused_linear_token_logprobs(hidden, weight, _flat_ids(chunk, self.device),
                                                                 bias=bias, return_entropy=True, **kw)
                 entropy_out.extend(entropy.float().split(lengths))
@@ -132,6 +154,9 @@ class LocalBackend:
                     lps_out.extend(top_lps.float().split(lengths))
                 else:
                     lps_out.extend(token_lp.detach().float().split(lengths))
+            if request.kind == "hidden" and self.parallel.sharded:
+                weight, bias = (t.detach().clone() if t is not None else None for t in output_layer(model))
+            self.parallel.release(model)
         entropy_out = tuple(entropy_out)
         if request.kind == "hidden":
             return FullVocabTargets(tuple(hidden_out), weight, bias, entropy_out)
@@ -155,64 +180,77 @@ class LocalBackend:
         rollouts = check_rollouts(rollouts)
         objective.check_targets(targets, rollouts)
         start_time = time.perf_counter()
-        seq_weights = objective.sequence_weights(rollouts)
+        parallel = self.parallel
+        local = [*objective.batch_totals(rollouts), sum(len(r.completion_ids) for r in rollouts)]
+        n_total, counted_total, completion_total = parallel.sum(local)
+        seq_weights = objective.sequence_weights(rollouts, (n_total, counted_total))
         self.model.train()
-        weight, bias = output_layer(self.causal_lm)
         sums, tokens_in = StepSums(), 0
         micro = self.optim_settings.micro_batch_size
-        for start in range(0, len(rollouts), micro):
+        starts = range(0, len(rollouts), micro)
+        for start in starts:
             idx = list(range(start, min(len(rollouts), start + micro)))
             chunk = [rollouts[i] for i in idx]
             lengths = [len(r.completion_ids) for r in chunk]
-            if sum(lengths) == 0:
+            if sum(lengths) == 0 and parallel.mode == "single":  # (DDP, FSDP2: every process runs every collective)
                 continue
             tokens_in += sum(len(r.prompt_ids) + len(r.completion_ids) for r in chunk)
-            hidden = completion_hidden(self.causal_lm, [r.prompt_ids for r in chunk],
-                                       [r.completion_ids for r in chunk], self.pad_token_id)
-            seq = torch.repeat_interleave(torch.arange(len(chunk), device=self.device),
-                                          torch.tensor(lengths, device=self.device))
-            mask = torch.cat([objective.loss_mask(t, self.device) for t in lengths])
-            weights = torch.tensor([seq_weights[i] for i in idx], dtype=torch.float32, device=self.device)[seq] * mask
-            student = StudentTokens(
-                hidden=hidden, weight=weight, bias=bias, token_ids=_flat_ids(chunk, self.device),
-                sampler_logprobs=torch.tensor([x for r in chunk for x in r.sampler_logprobs], dtype=torch.float32,
-                                              device=self.device),
-                seq=seq, mask=mask, weights=weights, rollouts=idx)
-            loss, chunk_sums = objective.local_loss(student, targets)
-            loss.backward()
+            with parallel.no_sync(self.model, skip=start != starts[-1]):
+                hidden = completion_hidden(self.model, [r.prompt_ids for r in chunk],
+                                           [r.completion_ids for r in chunk], self.pad_token_id)
+                weight, bias = output_layer(self.model)
+                seq = torch.repeat_interleave(torch.arange(len(chunk), device=self.device),
+                                              torch.tensor(lengths, device=self.device))
+                mask = torch.cat([objective.loss_mask(t, self.device) for t in lengths])
+                weights = torch.tensor([seq_weights[i] for i in idx], dtype=torch.float32,
+                                       device=self.device)[seq] * mask
+                student = StudentTokens(
+                    hidden=hidden, weight=weight, bias=bias, token_ids=_flat_ids(chunk, self.device),
+                    sampler_logprobs=torch.tensor([x for r in chunk for x in r.sampler_logprobs],
+                                                  dtype=torch.float32, device=self.device),
+                    seq=seq, mask=mask, weights=weights, rollouts=idx)
+                loss, chunk_sums = objective.local_loss(student, targets)
+                if parallel.mode != "single" and not hidden.numel():
+                    loss = loss + hidden.sum() * 0.0  # an empty micro-batch still takes part in the collectives
+                (loss * parallel.loss_scale).backward()
             sums.add(chunk_sums)
         optimizer_start = time.perf_counter()
         grad_norm, lr = self._optimizer_step()
         optimizer_time = time.perf_counter() - optimizer_start
         elapsed = time.perf_counter() - start_time
-        metrics = sums.metrics(rollouts, sum(objective.counted(rollouts)))
+        metrics = sums.summed(parallel.sum).metrics(rollouts=n_total, completion_tokens=completion_total,
+                                                    counted=counted_total)
         metrics.update(objective.extra_metrics(targets))
         metrics.update(optimizer_time_s=optimizer_time, tokens_per_s=tokens_in / elapsed, step_time_s=elapsed,
                        lr=lr, grad_norm=grad_norm)
-        if not sums.is_weights:
+        if math.isnan(metrics["is_weight_mean"]):
             metrics["is_weight_mean"] = 1.0
         return metrics
 
     def sft_step(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]]) -> dict[str, float]:
         """One optimizer step of -sum_i sum_j log p(target_ij | prompt_i, target_i<j) / sum_i len(target_i)
-        (cross-entropy, token mean over the whole batch, accumulated over micro-batches)."""
+        (cross-entropy, token mean over the whole batch - all processes - accumulated over micro-batches)."""
         prompts, targets = check_sft_batch(prompt_ids, target_ids)
         start_time = time.perf_counter()
-        total = sum(len(t) for t in targets)
+        parallel = self.parallel
+        (total,) = parallel.sum([sum(len(t) for t in targets)])
         self.model.train()
-        weight, bias = output_layer(self.causal_lm)
         loss_sum, tokens_in = 0.0, 0
         micro = self.optim_settings.micro_batch_size
-        for start in range(0, len(prompts), micro):
+        starts = range(0, len(prompts), micro)
+        for start in starts:
             p_chunk, t_chunk = prompts[start:start + micro], targets[start:start + micro]
             tokens_in += sum(len(p) + len(t) for p, t in zip(p_chunk, t_chunk))
-            hidden = completion_hidden(self.causal_lm, p_chunk, t_chunk, self.pad_token_id)
-            ids = torch.tensor([x for t in t_chunk for x in t], dtype=torch.long, device=self.device)
-            loss = -fused_linear_token_logprobs(hidden, weight, ids, bias=bias).float().sum() / total
-            loss.backward()
+            with parallel.no_sync(self.model, skip=start != starts[-1]):
+                hidden = completion_hidden(self.model, p_chunk, t_chunk, self.pad_token_id)
+                weight, bias = output_layer(self.model)
+                ids = torch.tensor([x for t in t_chunk for x in t], dtype=torch.long, device=self.device)
+                loss = -fused_linear_token_logprobs(hidden, weight, ids, bias=bias).float().sum() / total
+                (loss * parallel.loss_scale).backward()
             loss_sum += float(loss.detach())
         grad_norm, lr = self._optimizer_step()
         elapsed = time.perf_counter() - start_time
+        (loss_sum,) = parallel.sum([loss_sum])
         return {"loss": loss_sum, "loss_tokens": float(total), "tokens_per_s": tokens_in / elapsed,
                 "step_time_s": elapsed, "lr": lr, "grad_norm": grad_norm}
 
@@ -220,13 +258,12 @@ class LocalBackend:
         """Clip the gradient norm (to optim.max_grad_norm when set), step optimizer and schedule, zero grads.
         Returns (the gradient norm before clipping, the lr used)."""
         params = list(self._trainable().values())
-        if self.grad_sync is not None:
-            self.grad_sync(params)
         if self.masters is not None:
             self.masters.grads_to_masters()
             params = self.masters.parameters()
         max_norm = self.optim_settings.max_grad_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
@@ -239,10 +276,11 @@ class LocalBackend:
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """{"student": trainable parameters by name (their fp32 masters when kept), "teacher": EMA/sync
         teacher weights (empty when static), "rng": {"sampler": the sampling generator state}}. Student and
-        teacher entries are the live tensors, detached; copy them before training on if they must not change."""
+        teacher entries are the live tensors, detached (under FSDP2: gathered whole, a collective call);
+        copy them before training on if they must not change."""
         student = (self.masters.state_tensors() if self.masters is not None
                    else {name: p.detach() for name, p in self._trainable().items()})
-        return {"student": student, "teacher": self.teacher.state_tensors(),
+        return {"student": gather_whole(student), "teacher": gather_whole(self.teacher.state_tensors()),
                 "rng": {"sampler": self.sampler.generator.get_state()}}
 
     def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -257,20 +295,34 @@ class LocalBackend:
                 self.masters.load_state_tensors(student)
             else:
                 for name, p in params.items():
-                    p.copy_(student[name])
+                    copy_whole(p, student[name])
         self.teacher.load_state_tensors(state["teacher"])
         self.sampler.generator.set_state(state["rng"]["sampler"].cpu())
 
     def optimizer_state(self) -> dict:
-        """{"optimizer": AdamW state_dict, "schedule": LambdaLR state_dict} (live tensors, not copies)."""
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.scheduler.state_dict()}
+        """{"optimizer": AdamW state_dict, "schedule": LambdaLR state_dict} (live tensors, not copies; under
+        FSDP2 the optimizer state gathered whole, keyed by parameter name, a collective call)."""
+        if self.parallel.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "schedule": self.scheduler.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
         if not isinstance(state, dict) or set(state) != {"optimizer", "schedule"}:
             raise ValueError(f"optimizer state must be a dict with keys optimizer and schedule, got "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         # deep copies: torch keeps tensors of a loaded optimizer state by reference when device and dtype match
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.parallel.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, copy.deepcopy(state["optimizer"]),
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scheduler.load_state_dict(copy.deepcopy(state["schedule"]))
 
 

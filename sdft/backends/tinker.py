@@ -345,7 +345,8 @@ class TinkerBackend:
         logprobs = [_empty_rows(plan.target_tokens[i]) for i in range(len(rollouts))]
         for (i, _, _), lp in zip(spans, captured):
             logprobs[i] = lp
-        metrics = plan.sums(logprobs).metrics(rollouts, sum(objective.counted(rollouts)))
+        metrics = plan.sums(logprobs).metrics(rollouts=len(rollouts), counted=sum(objective.counted(rollouts)),
+                                              completion_tokens=sum(len(r.completion_ids) for r in rollouts))
         metrics.update(objective.extra_metrics(targets))
         elapsed = time.perf_counter() - start_time
         metrics.update(optimizer_time_s=optimizer_time, step_time_s=elapsed, lr=lr,

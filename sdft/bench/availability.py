@@ -3,7 +3,6 @@ sentence saying why not (shown in place of its results)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -13,12 +12,13 @@ TRL_MISSING = "TRL not installed: pip install 'sdft[bench]'"
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
-    """The Triton path of sdft.losses needs triton, and on a CPU the Triton interpreter (TRITON_INTERPRET=1,
-    read by triton when the kernels are first compiled)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton not installed"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU needs TRITON_INTERPRET=1"
+    """Why the Triton path of sdft.losses cannot run on `device` (its own check: `resolve_impl`), or None."""
+    from sdft.losses import resolve_impl
+
+    try:
+        resolve_impl("triton", device)
+    except ValueError as error:
+        return str(error)
     return None
 
 

@@ -8,9 +8,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KL_KINDS = ("forward", "reverse", "jsd")
 TOPK_NORMALIZE = ("renormalize", "tail")
-TOPK_KINDS = ("cross_entropy", "forward_kl")
+TOPK_KINDS = ("cross_entropy", "forward_kl", "reverse_kl")
+TOPK_RENORMALIZE_ONLY = ("reverse_kl",)
+"""Top-K kinds defined only for normalize="renormalize"."""
 REDUCTIONS = ("none", "sum", "token_mean", "seq_mean")
 IMPLS = ("auto", "reference", "chunked", "triton")
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast, never the reverse)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_choice(name: str, value, allowed: Iterable[str]) -> None:
@@ -88,17 +95,30 @@ def check_linear(prefix: str, hidden, weight, bias) -> tuple[int, int, int]:
     return n, h, v
 
 
-def check_topk_inputs(topk_ids, topk_logprobs, n: int, device) -> int:
+def check_topk_inputs(topk_ids, topk_logprobs, n: int, device, *, logprobs_name: str = "topk_logprobs") -> int:
+    """topk_ids [N, K] integer and the teacher's log-probs [N, K] (argument `logprobs_name`); returns K."""
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be a 2-D tensor [N, K], got {getattr(topk_ids, 'shape', type(topk_ids))}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
-    check_float_tensor("topk_logprobs", topk_logprobs, 2)
+    check_float_tensor(logprobs_name, topk_logprobs, 2)
     if topk_ids.shape != topk_logprobs.shape:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must have the same shape"
-        )
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and {logprobs_name} {tuple(topk_logprobs.shape)} must "
+                         "have the same shape")
     if topk_ids.shape[0] != n:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but the student has {n} tokens")
-    check_same_device(student=torch.empty(0, device=device), topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    check_same_device(**{"student": torch.empty(0, device=device), "topk_ids": topk_ids, logprobs_name: topk_logprobs})
     return topk_ids.shape[1]
+
+
+def check_topk_kind(kind: str, normalize: str) -> None:
+    check_choice("normalize", normalize, TOPK_NORMALIZE)
+    check_choice("kind", kind, TOPK_KINDS)
+    if kind in TOPK_RENORMALIZE_ONLY and normalize != "renormalize":
+        raise ValueError(f"kind={kind!r} needs normalize='renormalize' (the reverse KL between the renormalized "
+                         f"top-K distributions), got normalize={normalize!r}")
+
+
+def check_vocab_size(vocab_size) -> None:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be an int >= 1 (the size of the full vocabulary)")

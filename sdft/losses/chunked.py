@@ -4,7 +4,9 @@ For a chunk of rows the student logits z = (h W^T + b) / T are formed in float32
 inputs), a per-chunk kernel returns the per-token loss L [n] and dL/dz [n, V], and the gradients are
 folded in at once: dL/dh = (c / T) dL/dz W, dL/dW += ((c / T) dL/dz)^T h, dL/db += sum_n (c_n / T) dL/dz_n,
 where c [N] are the reduction coefficients (loss = sum_n c_n L_n, see `_reduction.token_scale`).
-Rows with c_n = 0 (masked) are skipped entirely: exactly zero loss and gradient, no NaN.
+Inactive rows (masked, `ChunkPlan.active`) are skipped entirely: exactly zero loss and gradient whatever
+their inputs. Active rows follow IEEE arithmetic, so a NaN there (or a NaN coefficient) gives a NaN loss
+and NaN gradients, also when c_n = 0.
 
 Peak extra memory: a few [chunk, V] float32 buffers, the [N, H] hidden-state gradient, and, when the
 weight requires grad, a float32 [V, H] accumulator. bf16/fp16 weights are upcast to float32 once
@@ -123,14 +125,14 @@ class TopKKernel:
         ids, valid = self.ids.index_select(0, rows), self.valid.index_select(0, rows)
         q, q_tail = self.q.index_select(0, rows).to(z.dtype), self.q_tail.index_select(0, rows).to(z.dtype)
         lse = torch.logsumexp(z, dim=-1)
-        student_lp = z.gather(1, ids) - lse[:, None]
+        student_lp = torch.where(valid & (q != 0), z.gather(1, ids) - lse[:, None], torch.zeros_like(q))
         loss = -(q * student_lp).sum(-1)
         if self.tail:
             n = z.shape[0]
             row_idx = torch.arange(n, device=z.device)[:, None].expand_as(ids)[valid]
             z_rest = z.index_put((row_idx, ids[valid]), torch.tensor(-math.inf, dtype=z.dtype, device=z.device))
             lse_rest = torch.logsumexp(z_rest, dim=-1)
-            has_tail = q_tail > 0
+            has_tail = q_tail != 0  # a NaN tail weight propagates
             tail_lp = torch.where(has_tail, lse_rest - lse, torch.zeros_like(lse))
             loss = loss - q_tail * tail_lp
             # dL/dz = Q p - scatter(q) - q_tail softmax(z restricted to the non-top-K ids)
@@ -177,6 +179,10 @@ class ChunkPlan:
     temperature: float
     chunk_size: int
     reduce: bool  # True: output sum_n c_n L_n (scalar); False: c_n L_n per token [N]
+    active: Optional[torch.Tensor] = None  # [N] bool, the rows computed (None: all); c_n = 0 elsewhere
+
+    def rows(self, n: int, device) -> torch.Tensor:
+        return torch.arange(n, device=device) if self.active is None else torch.nonzero(self.active).view(-1)
 
 
 def _upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -207,7 +213,7 @@ def _chunk_pass(hidden, weight_c, bias_c, coeff, plan: ChunkPlan, *, want_hidden
     grad_h = torch.zeros(n, h_size, dtype=dtype, device=device) if want_hidden_grad else None
     grad_w = torch.zeros(v, h_size, dtype=dtype, device=device) if want_weight_grad else None
     grad_b = torch.zeros(v, dtype=dtype, device=device) if want_bias_grad else None
-    active = torch.nonzero(coeff != 0).view(-1)
+    active = plan.rows(n, device)
     for start in range(0, active.numel(), plan.chunk_size):
         rows = active[start:start + plan.chunk_size]
         h_rows = hidden.index_select(0, rows).to(dtype)
@@ -255,7 +261,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                               weight_c if recompute else None,
                               bias_c if recompute else None,
                               coeff if recompute else None)
-        if extra is None:  # the per-token losses L_n (0 on rows with a zero coefficient, never computed)
+        if extra is None:  # the per-token losses L_n (0 on the inactive rows, never computed)
             extra = loss
         ctx.mark_non_differentiable(extra)
         return out, extra
@@ -309,3 +315,74 @@ def chunked_topk(hidden, weight, bias, k: int, temperature: float, chunk_size: i
         ids[start:start + rows.numel()] = top
         logprobs[start:start + rows.numel()] = (values - lse).to(torch.float32)
     return ids, logprobs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Student logits at given ids: K rows of W per token, never [N, V]
+# ----------------------------------------------------------------------------------------------------
+
+def auto_gather_rows(k: int, hidden_size: int, element_bytes: int = 4) -> int:
+    """Rows per chunk so that one gathered [rows, K, H] weight buffer takes about CHUNK_BUDGET_BYTES."""
+    return max(8, CHUNK_BUDGET_BYTES // max(1, k * hidden_size * element_bytes))
+
+
+class LogitsAtIds(torch.autograd.Function):
+    """z [N, K] = (h_n . W[ids[n, k]] + b[ids[n, k]]) / T for the rows in `rows` (0 elsewhere), differentiable
+    in (hidden [N, H], weight [V, H], bias [V]).
+
+    Forward and backward gather W[ids] for `chunk_size` rows at a time ([chunk, K, H]); nothing of size
+    [N, V] is built and nothing of size [N, K, H] is kept for the backward. Backward, with g = dL/dz / T:
+    dh_n = sum_k g_nk W[id_nk], dW[id_nk] += g_nk h_n, db[id_nk] += g_nk (accumulated in float32, or
+    float64 for float64 inputs). A NaN in a computed row reaches the weight gradient in the rows of its ids.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, rows, temperature: float, chunk_size: int):
+        dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        n, k = ids.shape
+        out = torch.zeros(n, k, dtype=dtype, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start:start + chunk_size]
+            chunk_ids = ids.index_select(0, r)
+            w = weight.detach()[chunk_ids].to(dtype)  # [c, K, H]
+            z = torch.bmm(w, hidden.detach().index_select(0, r).to(dtype).unsqueeze(2)).squeeze(2)
+            if bias is not None:
+                z = z + bias.detach()[chunk_ids].to(dtype)
+            out.index_copy_(0, r, z / temperature)
+        ctx.save_for_backward(hidden.detach(), weight.detach(), ids, rows)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, ids, rows = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dtype = ctx.dtype
+        g_all = grad_out.to(dtype) / ctx.temperature
+        grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b and ctx.has_bias else None
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            r = rows[start:start + ctx.chunk_size]
+            chunk_ids = ids.index_select(0, r)
+            g = g_all.index_select(0, r)  # [c, K]
+            if grad_h is not None:
+                w = weight[chunk_ids].to(dtype)
+                grad_h.index_copy_(0, r, torch.bmm(g.unsqueeze(1), w).squeeze(1))
+            flat_ids = chunk_ids.reshape(-1)
+            if grad_w is not None:
+                h = hidden.index_select(0, r).to(dtype)
+                grad_w.index_add_(0, flat_ids, (g.unsqueeze(2) * h.unsqueeze(1)).reshape(-1, h.shape[1]))
+            if grad_b is not None:
+                grad_b.index_add_(0, flat_ids, g.reshape(-1))
+        out_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        out_w = None if grad_w is None else grad_w.to(weight.dtype)
+        out_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def logits_at_ids(hidden, weight, bias, ids, rows, temperature: float, chunk_size: int) -> torch.Tensor:
+    """Apply `LogitsAtIds`: [N, K] student logits over temperature at ids [N, K] (valid ids in [0, V))."""
+    return LogitsAtIds.apply(hidden, weight, bias, ids, rows, temperature, chunk_size)

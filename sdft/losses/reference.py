@@ -4,6 +4,10 @@ Notation: z = logits [N, V], p = softmax(z / T), log p = log_softmax(z / T). Mat
 (float64 when the inputs are float64); gradients flow through ordinary autograd. Every function
 returns per-token losses [N] reduced as described in `sdft.losses._reduction` (mask, weights,
 "none" | "sum" | "token_mean" | "seq_mean").
+
+Non-finite values: masked rows are replaced by zeros before any math, so they contribute exactly 0 and get
+exactly 0 gradient. In unmasked rows NaN propagates to the loss and the gradient (never dropped by a
+"p > 0" test); a -inf logit or teacher log-prob is a token of probability 0, well defined.
 """
 from __future__ import annotations
 
@@ -11,16 +15,13 @@ import math
 
 import torch
 
+from . import topk
 from ._checks import (
-    KL_KINDS, TOPK_KINDS, TOPK_NORMALIZE, check_beta, check_choice, check_float_tensor, check_same_device,
-    check_temperature, check_token_vector, check_topk_inputs,
+    KL_KINDS, check_beta, check_choice, check_float_tensor, check_same_device, check_temperature,
+    check_token_vector, check_topk_inputs, check_topk_kind, compute_dtype,
 )
-from ._reduction import reduce_per_token
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast, never the reverse)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+from ._reduction import reduce_per_token, zero_inactive_rows
+from .topk import topk_teacher_weights  # noqa: F401  (its home is sdft.losses.topk)
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -29,9 +30,11 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """sum_v p (log p - log q) per row, with 0 * (anything) = 0 where p == 0 (log p = -inf there)."""
-    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
-    terms = torch.where(p > 0, p * (safe_log_p - log_q), torch.zeros_like(p))
+    """sum_v p (log p - log q) per row, with 0 * (anything) = 0 where p == 0 (log p = -inf there); a NaN in p
+    stays NaN."""
+    nonzero = p != 0
+    safe_log_p = torch.where(nonzero, log_p, torch.zeros_like(log_p))
+    terms = torch.where(nonzero, p * (safe_log_p - log_q), torch.zeros_like(p))
     return terms.sum(dim=-1)
 
 
@@ -56,14 +59,6 @@ def per_token_divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
         return _xlogy_diff(p_s, student_logp, teacher_logp)
     log_m = torch.logaddexp(student_logp + math.log(1.0 - beta), teacher_logp + math.log(beta))
     return beta * _xlogy_diff(p_t, teacher_logp, log_m) + (1.0 - beta) * _xlogy_diff(p_s, student_logp, log_m)
-
-
-def _zero_masked_rows(x: torch.Tensor, mask) -> torch.Tensor:
-    """Replace masked rows by zeros so that NaN or inf there cannot reach the loss or the gradient."""
-    if mask is None or x.shape[0] != mask.shape[0]:
-        return x
-    keep = mask.view(-1, *([1] * (x.dim() - 1)))
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _check_logits_pair(student_logits, teacher_logits) -> None:
@@ -94,73 +89,54 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     check_temperature(temperature)
     check_token_vector("mask", mask, student_logits.shape[0], student_logits.device, boolean=True)
     per_token = per_token_divergence(
-        log_probs(_zero_masked_rows(student_logits, mask), temperature),
-        log_probs(_zero_masked_rows(teacher_logits.detach(), mask), temperature), kind, beta,
+        log_probs(zero_inactive_rows(student_logits, mask), temperature),
+        log_probs(zero_inactive_rows(teacher_logits.detach(), mask), temperature), kind, beta,
     )
     return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)
-
-
-def topk_teacher_weights(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_size: int,
-                         normalize: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher bucket probabilities from top-K log-probs.
-
-    Returns (valid [N, K] bool, q [N, K], q_tail [N]). Slots whose id is < 0 or >= V are invalid and get
-    weight 0. "renormalize": q = softmax of the valid log-probs (q_tail = 0); a row with no valid slot is
-    all zeros. "tail": q = exp(log-probs) of the valid slots and q_tail = max(0, 1 - sum_k q_k).
-    """
-    check_choice("normalize", normalize, TOPK_NORMALIZE)
-    valid = (topk_ids >= 0) & (topk_ids < vocab_size)
-    lp = topk_logprobs.detach().to(compute_dtype(topk_logprobs))
-    if normalize == "renormalize":
-        masked = torch.where(valid, lp, torch.full_like(lp, -math.inf))
-        any_valid = valid.any(dim=-1, keepdim=True)
-        q = torch.where(valid & any_valid, torch.softmax(torch.where(any_valid, masked, torch.zeros_like(lp)), -1),
-                        torch.zeros_like(lp))
-        return valid, q, torch.zeros(lp.shape[0], dtype=lp.dtype, device=lp.device)
-    q = torch.where(valid, lp.exp(), torch.zeros_like(lp))
-    return valid, q, (1.0 - q.sum(dim=-1)).clamp(min=0.0)
 
 
 def topk_distill_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
                       normalize: str = "renormalize", kind: str = "cross_entropy", temperature: float = 1.0,
                       mask=None, weights=None, reduction: str = "token_mean", seq_ids=None) -> torch.Tensor:
-    """Distillation on the teacher's top-K tokens; student log-probs over the FULL vocabulary.
+    """Distillation on the teacher's top-K tokens from student logits [N, V] (the math: `sdft.losses.topk`).
 
-    renormalize (cookbook): w = softmax_k(teacher log-probs);
-        cross_entropy: -sum_k w_k log p_s(id_k);   forward_kl: sum_k w_k (log w_k - log p_s(id_k)).
-    tail: K + 1 buckets, teacher (q_k, q_tail = 1 - sum q_k), student (p_s(id_k), 1 - sum_k p_s(id_k)):
+    renormalize (cookbook): q = softmax_k(teacher log-probs);
+        cross_entropy: -sum_k q_k log p_s(id_k);   forward_kl: sum_k q_k (log q_k - log p_s(id_k));
+        reverse_kl: the reverse KL between the student's and the teacher's distributions renormalized over
+        the K ids (it reads only the student logits at the ids).
+    tail: K + 1 buckets, teacher (q_k, q_tail = 1 - sum q_k), student (p_s(id_k), 1 - sum_k p_s(id_k)), the
+        student's tail formed exactly as the log-sum-exp of the other logits:
         cross_entropy: -sum_b q_b log s_b;          forward_kl: sum_b q_b (log q_b - log s_b).
-    Invalid ids (< 0 or >= V) are ignored. Ids within a row are expected to be distinct.
+    Student log-probs are over the FULL vocabulary, log_softmax(z / T). Invalid ids (< 0 or >= V) are ignored;
+    a row without a valid id takes no part (loss 0, zero gradient). Ids within a row are expected to be distinct.
     """
     check_float_tensor("student_logits", student_logits, 2)
     n, v = student_logits.shape
     check_topk_inputs(topk_ids, topk_logprobs, n, student_logits.device)
-    check_choice("normalize", normalize, TOPK_NORMALIZE)
-    check_choice("kind", kind, TOPK_KINDS)
+    check_topk_kind(kind, normalize)
     check_temperature(temperature)
     check_token_vector("mask", mask, n, student_logits.device, boolean=True)
-    logp_s = log_probs(_zero_masked_rows(student_logits, mask), temperature)
-    valid, q, q_tail = topk_teacher_weights(topk_ids, _zero_masked_rows(topk_logprobs, mask), v, normalize)
-    q = q.to(logp_s.dtype)
-    q_tail = q_tail.to(logp_s.dtype)
+    active = topk.active_rows(topk_ids, v, mask)
+    logits = zero_inactive_rows(student_logits, active)
+    teacher = zero_inactive_rows(topk_logprobs.detach(), active)
+    valid = topk.valid_slots(topk_ids, v)
     safe_ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
-    student_lp_k = logp_s.gather(1, safe_ids)
-    zero = torch.zeros_like(q)
-    per_token = -torch.where(q > 0, q * student_lp_k, zero).sum(-1)
-    if kind == "forward_kl":
-        per_token = per_token + torch.where(q > 0, q * torch.log(torch.where(q > 0, q, torch.ones_like(q))), zero).sum(-1)
+    if kind == "reverse_kl":
+        student_k = (logits.to(compute_dtype(logits)) / temperature).gather(1, safe_ids)
+        per_token = topk.reverse_kl(student_k, valid, topk.renormalized_teacher_logprobs(valid, teacher))
+        return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                                active=active)
+    logp_s = log_probs(logits, temperature)
+    _, q, q_tail = topk.topk_teacher_weights(topk_ids, teacher, v, normalize)
+    tail_lp = None
     if normalize == "tail":
+        rows = torch.arange(n, device=logp_s.device)[:, None].expand_as(safe_ids)
         in_topk = torch.zeros_like(logp_s, dtype=torch.bool)
-        in_topk[torch.arange(n, device=logp_s.device)[:, None].expand_as(safe_ids)[valid], safe_ids[valid]] = True
-        student_tail_lp = torch.logsumexp(torch.where(in_topk, torch.full_like(logp_s, -math.inf), logp_s), dim=-1)
-        has_tail = q_tail > 0
-        safe_tail_lp = torch.where(has_tail, student_tail_lp, torch.zeros_like(student_tail_lp))
-        tail_term = -torch.where(has_tail, q_tail * safe_tail_lp, torch.zeros_like(q_tail))
-        if kind == "forward_kl":
-            safe_q_tail = torch.where(has_tail, q_tail, torch.ones_like(q_tail))
-            tail_term = tail_term + torch.where(has_tail, q_tail * torch.log(safe_q_tail), torch.zeros_like(q_tail))
-        per_token = per_token + tail_term
-    return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)
+        in_topk[rows[valid], safe_ids[valid]] = True
+        tail_lp = torch.logsumexp(torch.where(in_topk, torch.full_like(logp_s, -math.inf), logp_s), dim=-1)
+    per_token = topk.bucket_loss(logp_s.gather(1, safe_ids), tail_lp, valid, q, q_tail, kind)
+    return reduce_per_token(per_token, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids,
+                            active=active)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -209,9 +185,9 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
         raise ValueError(f"clip={clip!r} must be None or a number > 0 (the maximum importance ratio)")
     check_token_vector("mask", mask, n, student_logprobs.device, boolean=True)
     dtype = compute_dtype(student_logprobs)
-    sampler = _zero_masked_rows(sampler_logprobs.detach().to(dtype), mask)
-    advantage = _zero_masked_rows(teacher_logprobs.detach().to(dtype), mask) - sampler
-    ratio = torch.exp(_zero_masked_rows(student_logprobs.to(dtype), mask) - sampler)
-    if clip is not None:
-        ratio = ratio.clamp(max=clip)
+    sampler = zero_inactive_rows(sampler_logprobs.detach().to(dtype), mask)
+    advantage = zero_inactive_rows(teacher_logprobs.detach().to(dtype), mask) - sampler
+    ratio = torch.exp(zero_inactive_rows(student_logprobs.to(dtype), mask) - sampler)
+    if clip is not None:  # not clamp(): its gradient at a NaN ratio is 0, which would hide the NaN
+        ratio = torch.where(ratio > clip, torch.full_like(ratio, float(clip)), ratio)
     return reduce_per_token(-ratio * advantage, mask=mask, weights=weights, reduction=reduction, seq_ids=seq_ids)

@@ -152,6 +152,24 @@ def check_scale(token_scale, n: int, device) -> torch.Tensor:
     return token_scale.detach().to(torch.float32).contiguous()
 
 
+def check_active(active, scale: torch.Tensor) -> torch.Tensor:
+    """The rows to compute [N] bool: `active` when given, else the rows with a nonzero coefficient."""
+    if active is None:
+        return scale != 0
+    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.shape != scale.shape:
+        raise ValueError(f"active must be a bool tensor of shape {list(scale.shape)}, got "
+                         f"{getattr(active, 'dtype', type(active).__name__)} {tuple(getattr(active, 'shape', ()))}")
+    if active.device != scale.device:
+        raise ValueError(f"active is on {active.device} but the hidden states are on {scale.device}")
+    return active
+
+
+def kernels_run_in_interpreter() -> bool:
+    """True when this process built the kernels for the Triton interpreter (TRITON_INTERPRET=1 was set before
+    triton was first imported), which runs them on CPU tensors."""
+    return type(logit_tile).__name__ == "InterpretedFunction"
+
+
 def check_temperature(temperature) -> float:
     if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0")

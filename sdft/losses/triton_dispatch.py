@@ -1,9 +1,9 @@
 """Autograd wrappers that connect the Triton kernels (triton_kl, triton_topk) to the public API.
 
-The kernels take per-token coefficients c [N] (mask, weights and reduction folded in, see `_reduction`)
-and return the per-token losses L [N] together with gradients already scaled by c: dh [N, H], and on
-request dW [V, H] and db [V], all in float32. A reduced loss is sum_n c_n L_n and its backward only
-multiplies by grad_output. For reduction "none" (output c_n L_n per token) the hidden-state gradient is
+The kernels take per-token coefficients c [N] (mask, weights and reduction folded in, see `_reduction`) and
+the active rows [N] (inactive rows: loss 0 and zero gradient whatever their inputs), and return the
+per-token losses L [N] together with gradients already scaled by c: dh [N, H], and on request dW [V, H]
+and db [V], all in float32. A reduced loss is sum_n c_n L_n and its backward only multiplies by grad_output. For reduction "none" (output c_n L_n per token) the hidden-state gradient is
 rescaled per row, and a weight or bias gradient is obtained by calling the kernels once more with the
 coefficients c * grad_output. Each wrapper returns (loss, per-token losses L [N] detached).
 """
@@ -59,24 +59,31 @@ def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
 
 
-def triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, coeff, *,
-              reduction: str, kind: str, beta: float, temperature: float) -> torch.Tensor:
+def _all_rows(active, n: int, device) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bool, device=device) if active is None else active
+
+
+def triton_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, coeff,
+              active, *, reduction: str, kind: str, beta: float, temperature: float):
+    """`active` [N] bool or None (all rows)."""
     from .triton_kl import triton_fused_linear_kl
 
     s_hidden = _same_dtype(student_hidden.detach(), student_weight)
     t_hidden = _same_dtype(teacher_hidden.detach(), teacher_weight)
+    rows = _all_rows(active, s_hidden.shape[0], s_hidden.device)
 
     def compute(token_scale, need_weight_grad):
         return triton_fused_linear_kl(
             s_hidden, student_weight.detach(), t_hidden, teacher_weight.detach(), kind=kind, beta=beta,
-            temperature=temperature, token_scale=token_scale.to(torch.float32),
+            temperature=temperature, token_scale=token_scale.to(torch.float32), active=rows,
             student_bias=None if student_bias is None else student_bias.detach(),
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(), need_weight_grad=need_weight_grad)
     return PrecomputedLinearLoss.apply(student_hidden, student_weight, student_bias, coeff, compute, reduction != "none")
 
 
-def triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, coeff, *,
-                        reduction: str, normalize: str, kind: str, temperature: float) -> torch.Tensor:
+def triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, topk_logprobs, coeff, active, *,
+                        reduction: str, normalize: str, kind: str, temperature: float):
+    """`active` [N] bool (the rows that take part)."""
     from .triton_topk import triton_fused_linear_topk_distill
 
     s_hidden = _same_dtype(student_hidden.detach(), student_weight)
@@ -84,7 +91,7 @@ def triton_topk_distill(student_hidden, student_weight, student_bias, topk_ids, 
     def compute(token_scale, need_weight_grad):
         return triton_fused_linear_topk_distill(
             s_hidden, student_weight.detach(), topk_ids, topk_logprobs, normalize=normalize, kind=kind,
-            temperature=temperature, token_scale=token_scale.to(torch.float32),
+            temperature=temperature, token_scale=token_scale.to(torch.float32), active=active,
             student_bias=None if student_bias is None else student_bias.detach(), need_weight_grad=need_weight_grad)
     return PrecomputedLinearLoss.apply(student_hidden, student_weight, student_bias, coeff, compute, reduction != "none")
 

@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._reduction import zero_inactive_rows
 from .triton_common import (
-    NEG_C, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles, dot_flags,
-    grouped_tile, logit_tile, matmul_fp32, merge_softmax, vocab_splits,
+    NEG_C, TileConfig, check_active, check_pair, check_scale, check_temperature, clean_bias, default_tiles,
+    dot_flags, grouped_tile, logit_tile, matmul_fp32, merge_softmax, vocab_splits,
 )
 
 KINDS = ("forward", "reverse", "jsd")
@@ -97,8 +98,9 @@ def _log_mixture(log_ps, log_pt, log_1mb, log_b):
     """log m = logaddexp(log p_s + log(1 - beta), log p_t + log beta)."""
     u = log_ps + log_1mb
     w = log_pt + log_b
-    hi = tl.maximum(u, w)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(u, w) - hi))
+    # a NaN must reach log m (the default max / min would drop it and hide a NaN teacher from the gradient)
+    hi = tl.maximum(u, w, propagate_nan=tl.PropagateNan.ALL)
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(u, w, propagate_nan=tl.PropagateNan.ALL) - hi))
 
 
 @triton.jit
@@ -175,7 +177,8 @@ def _kl_grad_kernel(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, norm_ptr, c_
         kl_s = tl.load(c_ptr + offs_n, mask=local_ok, other=0.0)
         log_m = _log_mixture(log_ps, (b - shift_t) - log_sum_t, log_1mb, log_b)
         g = one_m_beta * p_s * (log_ps - log_m - kl_s[:, None])
-    keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
+    # inactive rows arrive with zeroed inputs and scale 0: g * 0 = 0 there, while NaN in an active row stays
+    keep = local_ok[:, None] & col_ok[None, :]
     g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
     tl.store(dz_ptr + local.to(tl.int64)[:, None] * s_dz_n + offs_v[None, :], g.to(dz_ptr.dtype.element_ty),
              mask=local_ok[:, None] & col_ok[None, :])
@@ -223,16 +226,18 @@ def student_gradients(grad_kernel, launch_args: dict, hidden: torch.Tensor, weig
 def triton_fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                            teacher_weight: torch.Tensor, *, kind: str = "forward", beta: float = 0.5,
                            temperature: float = 1.0, token_scale: torch.Tensor, student_bias=None,
-                           teacher_bias=None, need_weight_grad: bool, tiles: Optional[TileConfig] = None,
-                           max_dz_bytes: int = 1 << 30):
+                           teacher_bias=None, need_weight_grad: bool, active=None,
+                           tiles: Optional[TileConfig] = None, max_dz_bytes: int = 1 << 30):
     """Per-token divergence and its precomputed student gradients, without [N, V] logits in memory.
 
     Shapes: student_hidden [N, H], student_weight [V, H], teacher_hidden [N, Ht], teacher_weight [V, Ht]
     (each pair in one dtype: bf16, fp16 or fp32), biases [V], token_scale [N] (c_n: mask x weight x
-    reduction factor). Returns (loss [N] fp32, dh [N, H] fp32, dW [V, H] fp32 or None, db [V] fp32 or None)
-    with the reduced loss sum_n c_n L_n and dh = d(sum_n c_n L_n)/d h_s (likewise dW, db; db whenever a
-    student bias is given). Rows with c_n = 0 get loss 0 and zero gradients. kind / beta / temperature as in
-    the module docstring. `tiles` overrides the launch configuration; `max_dz_bytes` bounds the dz buffer.
+    reduction factor), active [N] bool (default: c_n != 0). Returns (loss [N] fp32, dh [N, H] fp32, dW [V, H]
+    fp32 or None, db [V] fp32 or None) with the reduced loss sum_n c_n L_n and dh = d(sum_n c_n L_n)/d h_s
+    (likewise dW, db; db whenever a student bias is given). Inactive rows get loss 0 and zero gradients
+    whatever their inputs (their hidden states are replaced by zeros before the kernels); active rows follow
+    IEEE arithmetic (NaN inputs give NaN). kind / beta / temperature as in the module docstring. `tiles`
+    overrides the launch configuration; `max_dz_bytes` bounds the dz buffer.
     """
     n, hs_size, v = check_pair("student", student_hidden, student_weight, student_bias)
     nt, ht_size, vt = check_pair("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -247,13 +252,16 @@ def triton_fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.T
         raise ValueError(f"beta={beta!r} must be a number in [0, 1] (the teacher's weight in the mixture)")
     temperature = check_temperature(temperature)
     scale = check_scale(token_scale, n, student_hidden.device)
+    active = check_active(active, scale)
+    scale = torch.where(active, scale, torch.zeros_like(scale))
     if kind == "jsd" and beta == 0.0:
         kind = "forward"
     elif kind == "jsd" and beta == 1.0:
         kind = "reverse"
     device = student_hidden.device
     cfg = tiles or default_tiles(device)
-    hs, ws, ht, wt = student_hidden.detach(), student_weight.detach(), teacher_hidden.detach(), teacher_weight.detach()
+    hs, ws = zero_inactive_rows(student_hidden.detach(), active), student_weight.detach()
+    ht, wt = zero_inactive_rows(teacher_hidden.detach(), active), teacher_weight.detach()
     bs, bt = clean_bias(student_bias), clean_bias(teacher_bias)
     dummy = scale  # stands in for an absent bias pointer (never read)
     flags_s, flags_t = dot_flags(ws.dtype, device), dot_flags(wt.dtype, device)
@@ -300,8 +308,7 @@ def triton_fused_linear_kl(student_hidden: torch.Tensor, student_weight: torch.T
         kl_t_m, kl_s_m = kl_part[0].sum(0), kl_part[1].sum(0)
         per_token = beta * kl_t_m + (1.0 - beta) * kl_s_m
         row_const = kl_s_m
-    keep = scale != 0
-    loss = torch.where(keep, per_token, torch.zeros_like(per_token))
+    loss = torch.where(active, per_token, torch.zeros_like(per_token))
 
     # passes 2-4: dz per token chunk, then dh = dz W_s and dW += dz^T h_s
     grad_args = dict(common, norm_ptr=norm, c_ptr=row_const.contiguous(), scale_ptr=scale, N=n,

@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import topk
+from ._reduction import zero_inactive_rows
 from .triton_common import (
-    INT64_MIN_C, NEG_C, TileConfig, check_pair, check_scale, check_temperature, clean_bias, default_tiles,
-    dot_flags, grouped_tile, logit_tile, merge_softmax, next_pow2, vocab_splits,
+    INT64_MIN_C, NEG_C, TileConfig, check_active, check_pair, check_scale, check_temperature, clean_bias,
+    default_tiles, dot_flags, grouped_tile, logit_tile, merge_softmax, next_pow2, vocab_splits,
 )
 from .triton_kl import student_gradients
 
@@ -238,16 +240,13 @@ def _distill_grad_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, slot_w_ptr, norm_ptr, tot
         tail_w = tl.load(tail_w_ptr + offs_n, mask=local_ok, other=0.0)[:, None]
         rest = (a > NEG_C) & (tail_w != 0.0) & (log_sum_tail > NEG_C)
         g = g - tl.where(rest, tail_w * tl.exp((a - shift_tail) - log_sum_tail), 0.0)
-    keep = (local_ok & (scale != 0.0))[:, None] & col_ok[None, :]
+    # inactive rows arrive with zeroed inputs and scale 0: g * 0 = 0 there, while NaN in an active row stays
+    keep = local_ok[:, None] & col_ok[None, :]
     g = tl.where(keep, g * (scale / temperature)[:, None], 0.0)
     tl.store(dz_ptr + local.to(tl.int64)[:, None] * s_dz_n + offs_v[None, :], g.to(dz_ptr.dtype.element_ty),
              mask=local_ok[:, None] & col_ok[None, :])
     if BIAS_GRAD:
         tl.store(db_ptr + row_block.to(tl.int64) * V + offs_v, tl.sum(g, axis=0), mask=col_ok)
-
-
-def _xlogx(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x * torch.log(torch.where(x > 0, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
 def _merge_repeated_ids(ids: torch.Tensor, weights: torch.Tensor):
@@ -268,15 +267,18 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
                                      topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
                                      normalize: str = "renormalize", kind: str = "cross_entropy",
                                      temperature: float = 1.0, token_scale: torch.Tensor, student_bias=None,
-                                     need_weight_grad: bool, tiles: Optional[TileConfig] = None,
+                                     need_weight_grad: bool, active=None, tiles: Optional[TileConfig] = None,
                                      max_dz_bytes: int = 1 << 30):
     """Per-token top-K distillation loss and its precomputed student gradients (module docstring).
 
     student_hidden [N, H], student_weight [V, H] (one dtype: bf16, fp16 or fp32), topk_ids [N, K] integer,
-    topk_logprobs [N, K] teacher log-probs, token_scale [N] (c_n), student_bias [V]. Returns (loss [N] fp32,
-    dh [N, H] fp32, dW [V, H] fp32 or None, db [V] fp32 or None), gradients of sum_n c_n L_n; rows with
-    c_n = 0 or no valid id get loss 0 and zero gradients. Repeated ids in a row are merged into one slot
-    (weights added) before the kernels, which gives the reference's values for repeated ids too.
+    topk_logprobs [N, K] teacher log-probs, token_scale [N] (c_n), student_bias [V], active [N] bool (default:
+    c_n != 0). Returns (loss [N] fp32, dh [N, H] fp32, dW [V, H] fp32 or None, db [V] fp32 or None), gradients
+    of sum_n c_n L_n; inactive rows and rows without a valid id get loss 0 and zero gradients whatever their
+    inputs (their hidden states and log-probs are replaced by zeros before the kernels); other rows follow
+    IEEE arithmetic (NaN inputs give NaN). The teacher weights are those of `sdft.losses.topk`. Repeated ids
+    in a row are merged into one slot (weights added) before the kernels, which gives the reference's values
+    for repeated ids too.
     """
     n, h_size, v = check_pair("student", student_hidden, student_weight, student_bias)
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
@@ -301,21 +303,13 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
     cfg = tiles or default_tiles(device)
     k = topk_ids.shape[1]
     tail = normalize == "tail"
-    hs, ws, bs = student_hidden.detach(), student_weight.detach(), clean_bias(student_bias)
-
-    valid = (topk_ids >= 0) & (topk_ids < v)
-    any_valid = valid.any(dim=1)
-    lp = topk_logprobs.detach().to(torch.float32)
-    if tail:
-        slot_w = torch.where(valid, lp.exp(), torch.zeros_like(lp))
-        tail_w = (1.0 - slot_w.sum(dim=1)).clamp(min=0.0)
-    else:
-        masked = torch.where(valid, lp, torch.full_like(lp, float("-inf")))
-        slot_w = torch.softmax(torch.where(any_valid[:, None], masked, torch.zeros_like(lp)), dim=1)
-        slot_w = torch.where(valid, slot_w, torch.zeros_like(slot_w))
-        tail_w = torch.zeros(n, dtype=torch.float32, device=device)
-    row_scale = torch.where(any_valid, scale, torch.zeros_like(scale))
-    self_term = _xlogx(slot_w).sum(dim=1) + (_xlogx(tail_w) if tail else 0.0)  # sum_b w_b log w_b
+    active = topk.active_rows(topk_ids, v, check_active(active, scale))
+    row_scale = torch.where(active, scale, torch.zeros_like(scale))
+    hs, ws, bs = zero_inactive_rows(student_hidden.detach(), active), student_weight.detach(), clean_bias(student_bias)
+    lp = zero_inactive_rows(topk_logprobs.detach(), active)
+    valid, slot_w, tail_w = topk.topk_teacher_weights(topk_ids, lp, v, normalize)
+    slot_w, tail_w = slot_w.to(torch.float32), tail_w.to(torch.float32)
+    self_term = topk.xlogx(slot_w).sum(dim=1) + topk.xlogx(tail_w)  # sum_b w_b log w_b
     ids32, slot_w = _merge_repeated_ids(torch.where(valid, topk_ids.long(), torch.full_like(topk_ids.long(), -1)),
                                         slot_w)
     if n == 0 or k == 0:
@@ -343,12 +337,12 @@ def triton_fused_linear_topk_distill(student_hidden: torch.Tensor, student_weigh
         loss = loss + self_term
     if tail:
         shift_tail, log_sum_tail, _ = merge_softmax(stats[2], stats[3])
-        has_tail = tail_w > 0
+        has_tail = tail_w != 0  # a NaN tail weight propagates
         tail_lp = torch.where(has_tail, (shift_tail - shift) + (log_sum_tail - log_sum), torch.zeros_like(shift))
         loss = loss - tail_w * tail_lp
     else:
         shift_tail, log_sum_tail = shift, log_sum
-    loss = torch.where(row_scale != 0, loss, torch.zeros_like(loss))
+    loss = torch.where(active, loss, torch.zeros_like(loss))
 
     norm = torch.stack([shift, log_sum, shift_tail, log_sum_tail]).contiguous()
     grad_args = dict(common, slot_w_ptr=slot_w.contiguous(), norm_ptr=norm, N=n,

@@ -142,20 +142,29 @@ class StepSums:
         self.teacher_entropy = _nan_sum(self.teacher_entropy, other.teacher_entropy)
         self.is_weights.extend(other.is_weights)
 
-    def metrics(self, rollouts: Sequence[Rollout], counted: int) -> dict[str, float]:
+    def metrics(self, *, rollouts: int, completion_tokens: int, counted: int) -> dict[str, float]:
         """loss (the objective), kl (mean over loss tokens of the per-token divergence), teacher_entropy /
         student_entropy (means over loss tokens; NaN where unknown), completion_len (mean), loss_tokens,
-        is_weight_mean (mean per-rollout truncated IS weight; a diagnostic of sampler/trainer mismatch)."""
+        is_weight_mean (mean per-rollout truncated IS weight; a diagnostic of sampler/trainer mismatch).
+        The counts are those of the whole batch (all processes)."""
         denominator = max(counted, 1)
         return {
             "loss": self.loss,
             "kl": self.divergence / denominator,
             "teacher_entropy": self.teacher_entropy / denominator,
             "student_entropy": self.student_entropy / denominator,
-            "completion_len": sum(len(r.completion_ids) for r in rollouts) / max(len(rollouts), 1),
+            "completion_len": completion_tokens / max(rollouts, 1),
             "loss_tokens": float(counted),
             "is_weight_mean": sum(self.is_weights) / len(self.is_weights) if self.is_weights else math.nan,
         }
+
+    def summed(self, sum_over_processes: Callable[[Sequence[float]], list[float]]) -> "StepSums":
+        """These sums added over the processes of a data-parallel step (the IS weights as their mean)."""
+        total = sum_over_processes([self.loss, self.divergence, self.student_entropy, self.teacher_entropy,
+                                    sum(self.is_weights), len(self.is_weights)])
+        loss, divergence, student_entropy, teacher_entropy, is_sum, is_count = total
+        return StepSums(loss, divergence, student_entropy, teacher_entropy,
+                        [is_sum / is_count] if is_count else [])
 
 
 def _nan_sum(a: float, b: float) -> float:
@@ -226,14 +235,20 @@ class Objective(abc.ABC):
         """Per rollout, the number of tokens that get a loss."""
         return [max(0, len(r.completion_ids) - self.settings.skip_first_n_tokens) for r in rollouts]
 
-    def sequence_weights(self, rollouts: Sequence[Rollout]) -> list[float]:
-        """Per rollout i, the weight w_i of each of its loss tokens (see the module docstring)."""
-        counted, n = self.counted(rollouts), len(rollouts)
+    def batch_totals(self, rollouts: Sequence[Rollout]) -> tuple[int, int]:
+        """(rollouts, tokens that get a loss) of these rollouts."""
+        return len(rollouts), sum(self.counted(rollouts))
+
+    def sequence_weights(self, rollouts: Sequence[Rollout], totals: Sequence[float] | None = None) -> list[float]:
+        """Per rollout i, the weight w_i of each of its loss tokens (see the module docstring). `totals`: the
+        (rollouts, loss tokens) of the whole batch when these rollouts are one process's share of it."""
+        counted = self.counted(rollouts)
+        n, total_counted = totals if totals is not None else self.batch_totals(rollouts)
         if self.settings.reduction == "seq_mean":
             return [1.0 / (c * n) if c else 0.0 for c in counted]
         if self.settings.reduction == "token_mean":
-            return [1.0 / max(sum(counted), 1)] * n
-        return [1.0] * n
+            return [1.0 / max(total_counted, 1)] * len(rollouts)
+        return [1.0] * len(rollouts)
 
     def token_weights(self, rollouts: Sequence[Rollout]) -> list[torch.Tensor]:
         """Per rollout, [T_i] float64: its sequence weight on loss tokens, 0 on skipped tokens."""

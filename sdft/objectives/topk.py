@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 import torch
 
 from sdft.losses import fused_linear_topk_distill_loss, topk_loss_from_logprobs
-from sdft.losses.reference import topk_teacher_weights
+from sdft.losses.topk import topk_teacher_weights
 from sdft.objectives.base import (Objective, StepSums, StudentTokens, TeacherRequest, TinkerPlan, TopKTargets,
                                   truncated_is_weight)
 from sdft.sampling.base import Rollout

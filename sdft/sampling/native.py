@@ -8,7 +8,7 @@ positions after that are dropped.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,13 +26,14 @@ class NativeSampler:
     (its state is `generator`, kept in checkpoints). `batch_size`: prompts per decoding batch (None: all)."""
 
     def __init__(self, causal_lm: nn.Module, tokenizer, *, batch_size: int | None = None, seed: int = 0,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, sync_stop: Callable[[bool], bool] | None = None):
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         self.causal_lm = causal_lm
         self.stop_ids = stop_token_ids(tokenizer, getattr(causal_lm, "generation_config", None), eos_token_ids)
         self.pad_id = padding_token_id(tokenizer, self.stop_ids)
         self.batch_size = batch_size
+        self.sync_stop = sync_stop
         device = next(causal_lm.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(seed))
@@ -75,7 +76,8 @@ class NativeSampler:
                         causal_lm, prompts[start:start + size], max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, greedy=greedy, pad_token_id=self.pad_id,
                         eos_token_ids=self.stop_ids, generator=self.generator,
-                        generators=None if generators is None else generators[start:start + size]))
+                        generators=None if generators is None else generators[start:start + size],
+                        sync_stop=self.sync_stop))
         finally:
             causal_lm.train(was_training)
         return results
@@ -83,11 +85,13 @@ class NativeSampler:
 
 def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float, top_p: float, greedy: bool, pad_token_id: int, eos_token_ids: Sequence[int],
-                 generator: torch.Generator | None = None,
-                 generators: Sequence[torch.Generator] | None = None) -> list[tuple[list[int], list[float], bool]]:
+                 generator: torch.Generator | None = None, generators: Sequence[torch.Generator] | None = None,
+                 sync_stop: Callable[[bool], bool] | None = None) -> list[tuple[list[int], list[float], bool]]:
     """Left-padded KV-cache decoding of one batch of prompts (call under torch.no_grad(), in eval mode);
     returns (completion ids, sampler log-probs, finished) per prompt. `generators` gives prompt b its own
-    random stream (results then do not depend on batching), else `generator` is shared."""
+    random stream (results then do not depend on batching), else `generator` is shared. `sync_stop(alive)`
+    -> whether any process still decodes: with a sharded model every forward is collective, so every process
+    decodes until all are done."""
     device = next(causal_lm.parameters()).device
     pad, eos_ids = int(pad_token_id), [int(i) for i in eos_token_ids]
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -115,7 +119,8 @@ def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_
         tokens.append(token)
         logprobs.append(token_lp)
         done = done | torch.isin(token, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        alive_here = not bool(done.all())
+        if t == max_new_tokens - 1 or not (sync_stop(alive_here) if sync_stop is not None else alive_here):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         out = causal_lm(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,

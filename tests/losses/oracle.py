@@ -33,6 +33,20 @@ def divergence(student_logits, teacher_logits, kind="forward", beta=0.5, tempera
     return out
 
 
+def _renormalized(lps: np.ndarray) -> np.ndarray:
+    q = np.exp(lps - lps.max())
+    return q / q.sum()
+
+
+def _reverse_over_support(student_log: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) with p = softmax of the student's logits (or log-probs) at the slots, and p and q
+    renormalized over the slots where q > 0."""
+    keep = q > 0
+    z = student_log[keep]
+    p = np.exp(z - z.max())
+    return _kl(p / p.sum(), q[keep] / q[keep].sum())
+
+
 def topk_loss(student_logits, ids, logprobs, normalize="renormalize", kind="cross_entropy", temperature=1.0):
     ps = softmax_rows(np.asarray(student_logits, np.float64) / temperature)
     n_rows, vocab = ps.shape
@@ -43,6 +57,10 @@ def topk_loss(student_logits, ids, logprobs, normalize="renormalize", kind="cros
             continue
         sid = [i for i, _ in slots]
         lps = np.array([lp for _, lp in slots])
+        if kind == "reverse_kl":
+            z = np.asarray(student_logits, np.float64)[n, sid] / temperature
+            out[n] = _reverse_over_support(z, _renormalized(lps))
+            continue
         if normalize == "renormalize":
             q = np.exp(lps - lps.max())
             q = q / q.sum()
@@ -61,6 +79,33 @@ def topk_loss(student_logits, ids, logprobs, normalize="renormalize", kind="cros
                 total += -qb * np.log(sb)
                 if kind == "forward_kl":
                     total += qb * np.log(qb)
+        out[n] = total
+    return out
+
+
+def topk_loss_from_logprobs(student_lp, ids, logprobs, vocab, normalize="renormalize", kind="cross_entropy"):
+    """The top-K losses from the student's log-probs at the ids [N, K] (full-vocabulary normalized)."""
+    student_lp = np.asarray(student_lp, np.float64)
+    out = np.zeros(student_lp.shape[0])
+    for n in range(student_lp.shape[0]):
+        keep = [k for k, i in enumerate(ids[n]) if 0 <= int(i) < vocab]
+        if not keep:
+            continue
+        ls = student_lp[n, keep]
+        lps = np.asarray(logprobs[n], np.float64)[keep]
+        if kind == "reverse_kl":
+            out[n] = _reverse_over_support(ls, _renormalized(lps))
+            continue
+        if normalize == "renormalize":
+            q, student, q_tail, s_tail = _renormalized(lps), ls, 0.0, 1.0
+        else:
+            q, student = np.exp(lps), ls
+            q_tail, s_tail = max(0.0, 1.0 - q.sum()), 1.0 - np.exp(ls).sum()
+        total = -float(np.sum(q * student))
+        if q_tail > 0:
+            total -= q_tail * np.log(s_tail)
+        if kind == "forward_kl":
+            total += float(np.sum(q[q > 0] * np.log(q[q > 0]))) + (q_tail * np.log(q_tail) if q_tail > 0 else 0.0)
         out[n] = total
     return out
 

@@ -46,7 +46,8 @@ def test_fused_kl_per_token_values(impl, kind):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,normalize", [("cross_entropy", "renormalize"), ("forward_kl", "tail")])
+@pytest.mark.parametrize("kind,normalize", [("cross_entropy", "renormalize"), ("forward_kl", "tail"),
+                                            ("reverse_kl", "renormalize")])
 def test_fused_topk_per_token_values(impl, kind, normalize):
     hs, ws, _, _, mask, weights, ids, lps = _inputs()
     dtype = torch.float32 if impl == "triton" else torch.float64
@@ -65,9 +66,35 @@ def test_triton_per_token_values_under_the_interpreter():
     pytest.importorskip("triton")
     code = ("from tests.losses import test_per_token_output as t\n"
             "for kind in ('forward', 'reverse', 'jsd'):\n    t.test_fused_kl_per_token_values('triton', kind)\n"
-            "for kind, norm in (('cross_entropy', 'renormalize'), ('forward_kl', 'tail')):\n"
+            "for kind, norm in (('cross_entropy', 'renormalize'), ('forward_kl', 'tail'), ('reverse_kl', 'renormalize')):\n"
             "    t.test_fused_topk_per_token_values('triton', kind, norm)\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_values_are_zero_on_masked_rows_whatever_their_inputs(impl):
+    """NaN in a masked row: per-token value exactly 0 there; NaN in an unmasked row: NaN at that token only."""
+    hs, ws, ht, wt, mask, weights, ids, lps = _inputs()
+    masked, unmasked = int((~mask).nonzero()[0]), int(mask.nonzero()[0])
+    bad = hs.clone()
+    bad[masked] = float("nan")
+    calls = [lambda h: L.fused_linear_kl(h, ws, ht, wt, mask=mask, weights=weights, reduction="sum", impl=impl,
+                                         return_per_token=True)]
+    calls += [lambda h, kind=kind: L.fused_linear_topk_distill_loss(h, ws, ids, lps, kind=kind, mask=mask,
+                                                                    weights=weights, reduction="sum", impl=impl,
+                                                                    return_per_token=True)
+              for kind in ("cross_entropy", "reverse_kl")]
+    for call in calls:
+        clean_loss, clean = call(hs)
+        loss, per_token = call(bad)
+        assert torch.equal(loss, clean_loss) and torch.equal(per_token, clean) and per_token[masked] == 0
+        worse = bad.clone()
+        worse[unmasked, 0] = float("nan")
+        loss, per_token = call(worse)
+        assert loss.isnan() and per_token[unmasked].isnan()
+        others = torch.ones_like(mask)
+        others[unmasked] = False
+        assert torch.equal(per_token[others], clean[others])
