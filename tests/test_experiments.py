@@ -394,6 +394,7 @@ def test_ablation_on_the_offline_tinker_backend(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("spec_file, preset", [
     ("ablation_tooluse.yaml", "tiny"), ("ablation_tooluse.yaml", "paper"), ("ablation_tooluse.yaml", "cookbook"),
     ("continual_learning.yaml", "tiny"), ("continual_learning.yaml", "paper"),
+    ("ablation_tooluse.yaml", "laptop"), ("continual_learning.yaml", "laptop"),
 ])
 def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, preset):
     from sdft.experiments.ablation import ablation_cells

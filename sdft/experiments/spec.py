@@ -116,7 +116,8 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
     presets = raw.pop("presets", {}) or {}
     _expect(isinstance(presets, dict), where, "presets", "a mapping of preset name -> fields")
     default_preset = raw.pop("default_preset", None)
-    preset_fields = sorted({"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw) - {"name"})
+    preset_fields = sorted({"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw)
+                           | set(EXPERIMENT_KEYS) - {"name"})
     for preset_name, body in presets.items():   # every preset, so that a typo in an unused one shows too
         _expect(isinstance(body or {}, dict), where, f"presets.{preset_name}", "a mapping")
         _refuse_unknown(body or {}, preset_fields, where, f"presets.{preset_name}.")
