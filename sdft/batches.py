@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from sdft.data import PromptExample
 from sdft.prompts import DEMONSTRATION_CUT_MARK, render_student_prompt, render_teacher_prompt
@@ -29,17 +29,19 @@ class EncodedExample:
 
 
 def encode_examples(tokenizer, examples: Sequence[PromptExample], *, template: str = "official",
-                    max_prompt_tokens: int | None = 1024) -> list[EncodedExample]:
+                    max_prompt_tokens: int | None = 1024,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> list[EncodedExample]:
     """Render student and teacher prompts with the chat template, within max_prompt_tokens: the student
     prompt left-truncated (official), the teacher prompt cut from its demonstration's end first
     (`sdft.prompts.render_teacher_prompt`). Each example records what was cut; `truncation_report`
-    counts it."""
+    counts it. `chat_template_kwargs` are extra chat-template variables for both prompts."""
     eos = tokenizer.eos_token_id
     encoded = []
     for example in examples:
         target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
-        student = render_student_prompt(tokenizer, example, max_prompt_tokens)
-        teacher = render_teacher_prompt(tokenizer, example, template, max_prompt_tokens)
+        student = render_student_prompt(tokenizer, example, max_prompt_tokens, chat_template_kwargs)
+        teacher = render_teacher_prompt(tokenizer, example, template, max_prompt_tokens,
+                                        chat_template_kwargs=chat_template_kwargs)
         encoded.append(EncodedExample(
             example=example, student_ids=student.ids, teacher_ids=teacher.ids,
             target_ids=tuple(target) + ((eos,) if eos is not None else ()),

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdft.config import Config
-from sdft.data import QUICKSTART_DIR, PromptExample, load_examples, split_examples
+from sdft.data import (CONVERSATIONAL_KINDS, QUICKSTART_DIR, PromptExample, load_examples, split_examples,
+                       with_system_prompt)
 from sdft.evaluation import Benchmark, benchmark_from_examples, load_task_benchmark
 from sdft.lm_eval_bridge import LmEvalBenchmark
 
@@ -32,14 +33,22 @@ class RunData:
 
 def _loader_options(config: Config) -> dict:
     data = config.data
+    source = {"split": data.hf_split, "config": data.hf_config, "revision": data.hf_revision}
     if data.kind == "jsonl":
-        return {"user_template": data.user_template, "system_prompt": data.system_prompt}
+        return {"user_template": data.user_template}
     if data.kind == "science":
         return {"thinking_format": data.thinking_format}
     if data.kind == "hf":
-        return {"split": data.hf_split, "question_field": data.question_field, "answer_field": data.answer_field,
+        return {**source, "question_field": data.question_field, "answer_field": data.answer_field,
                 "user_template": data.user_template}
+    if data.kind in CONVERSATIONAL_KINDS:
+        return {**source, "answer_field": data.answer_field}
     return {}
+
+
+def _load(kind: str, path: Path, system_prompt: str | None, **options) -> list[PromptExample]:
+    """Examples of a loader, with data.system_prompt as their system turn (every kind)."""
+    return [with_system_prompt(example, system_prompt) for example in load_examples(kind, path, **options)]
 
 
 def load_run_data(config: Config) -> RunData:
@@ -54,7 +63,7 @@ def load_run_data(config: Config) -> RunData:
         notes.append(f"data.path {data.path} is absent: training on data.fallback_path {data.fallback_path} "
                      f"instead, split by {data.fallback_split!r}")
         path, split = fallback, data.fallback_split
-    examples = load_examples(data.kind, path, **_loader_options(config))
+    examples = _load(data.kind, path, data.system_prompt, **_loader_options(config))
     if not examples:
         raise ValueError(f"data.path={data.path!r}: the dataset is empty")
     notes.append(f"data: {len(examples)} examples of kind {data.kind!r} from {path}")
@@ -94,12 +103,13 @@ def build_benchmarks(config: Config,
             elif bench.kind == "heldout" and not bench.path:
                 raise ValueError(f"eval.benchmarks {bench.name!r}: kind 'heldout' needs a data split or a path")
             elif bench.kind == "heldout":
-                examples = load_examples(config.data.kind, resolve_path(bench.path), **_loader_options(config))
+                examples = _load(config.data.kind, resolve_path(bench.path), config.data.system_prompt,
+                                 **_loader_options(config))
             else:
                 options = {"thinking_format": config.data.thinking_format} if bench.kind == "science" else {}
                 if bench.kind == "jsonl":
-                    options = {"user_template": config.data.user_template, "system_prompt": config.data.system_prompt}
-                examples = load_examples(bench.kind, resolve_path(bench.path), **options)
+                    options = {"user_template": config.data.user_template}
+                examples = _load(bench.kind, resolve_path(bench.path), config.data.system_prompt, **options)
             benchmark = benchmark_from_examples(bench.name, examples, tooluse_mode=bench.tooluse_mode,
                                                 mcq_mode=bench.mcq_mode, **common)
         out.append((benchmark, bench.max_items))

@@ -3,20 +3,24 @@
 Layout of one checkpoint, `<run_dir>/checkpoints/step_<N:08d>/`:
     <name>.safetensors   one per named tensor dict (student weights or adapter, EMA teacher, ...)
     <name>.pt            one per named torch-serializable object (optimizer, scheduler state dicts)
-    state.json           {"format", "step", "rng", "tensors", "objects", "state"}; written last
+    state.json           {"format", "step", "rng", "tensors", "objects", "state", "files"}; written last
+`files` is the manifest: {file name: {"bytes": size, "sha256": hex digest}} of every other file. Loading
+checks each file against it before parsing, so a truncated, zeroed or otherwise changed file is reported by
+name instead of being loaded (format-1 checkpoints, written before the manifest existed, load unverified).
 A save writes everything into a hidden temporary folder, fsyncs it and renames it into place, then
-rewrites the `checkpoints/latest` pointer atomically, then prunes older checkpoints: a crash at any
-point leaves the previous checkpoint intact and findable. One writer per run folder.
+rewrites the `checkpoints/latest` pointer atomically, then prunes older checkpoints: a crash or a full disk
+at any point leaves the previous checkpoint intact and findable. One writer per run folder (sdft.rundir).
 """
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,28 +29,42 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdft.io import atomic_write_text, fsync_dir
+from sdft.io import atomic_write_text, fsync_dir, make_temp_dir
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint",
+           "load_latest_intact", "latest_checkpoint", "list_checkpoints", "check_state_tensors",
            "capture_rng_state", "restore_rng_state"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_UNVERIFIED_FORMAT = 1  # no manifest: still loaded, but nothing can be checked
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TMP_PREFIX = ".tmp_step_"
 _OLD_PREFIX = ".old_step_"
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what is wrong with it."""
+
+
+class CheckpointWriteError(OSError):
+    """A save that failed (full disk, lost permission, ...): the message names the path and what to do; the
+    previous checkpoint is left intact. `errno` is the one of the underlying OSError."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: `tensors[name]` are CPU tensor dicts, `objects[name]` the torch-loaded
-    objects, `state` the caller's JSON state and `rng` the RNG states captured at save time."""
+    objects, `state` the caller's JSON state and `rng` the RNG states captured at save time.
+    `verified` is False for a format-1 checkpoint (no manifest to check its files against)."""
     path: Path
     step: int
     tensors: dict[str, dict[str, torch.Tensor]]
     objects: dict[str, Any]
     state: dict[str, Any]
     rng: dict[str, Any]
+    verified: bool = True
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
@@ -58,6 +76,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
     `rng` defaults to `capture_rng_state()` taken now. After the new checkpoint and the `latest` pointer
     are in place, complete checkpoints with a smaller step are pruned so that `keep_last` remain
     (the new one included); checkpoints with a larger step (an abandoned run) are left alone.
+    An OSError while writing (ENOSPC, EACCES, ...) becomes a CheckpointWriteError naming the path; the
+    temporary folder is removed and the previous checkpoint and `latest` pointer are untouched.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
@@ -69,46 +89,77 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
             if not isinstance(name, str) or not _NAME.match(name) or name == "state":
                 raise ValueError(f"checkpoint {kind} name {name!r} must be a file-name stem "
                                  "(letters, digits, '_', '.', '-'; not 'state')")
+    meta = {"format": FORMAT_VERSION, "step": step, "rng": dict(rng) if rng is not None else capture_rng_state(),
+            "tensors": sorted(tensors), "objects": sorted(objects), "state": dict(state or {})}
     try:
-        state_text = json.dumps({"format": FORMAT_VERSION, "step": step,
-                                 "rng": dict(rng) if rng is not None else capture_rng_state(),
-                                 "tensors": sorted(tensors), "objects": sorted(objects),
-                                 "state": dict(state or {})}, indent=2, sort_keys=True)
+        json.dumps(meta)
     except TypeError as error:
         raise ValueError(f"checkpoint state must be JSON-serializable: {error}") from None
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}_", dir=root))
+    previous = latest_checkpoint(run_dir)
+    tmp = old = None
+    renamed = False
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        tmp = make_temp_dir(root, f"{_TMP_PREFIX}{step:08d}_")
         for name, tensor_dict in tensors.items():
             save_file(_portable_tensors(name, tensor_dict), str(tmp / f"{name}.safetensors"))
+            # safetensors creates its file 0600; give it the mode open() would (0666 less the umask, which is
+            # what the freshly made folder shows as 0777 less the umask)
+            os.chmod(tmp / f"{name}.safetensors", tmp.stat().st_mode & 0o666)
             _fsync_file(tmp / f"{name}.safetensors")
         for name, obj in objects.items():
             with open(tmp / f"{name}.pt", "wb") as handle:
                 torch.save(obj, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-        atomic_write_text(tmp / "state.json", state_text + "\n")
+        meta["files"] = {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                         for file in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run): move the old copy aside first
-            old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{step:08d}_", dir=root))
+            old = make_temp_dir(root, f"{_OLD_PREFIX}{step:08d}_")
             os.replace(final, old / final.name)
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        tmp, renamed = None, True
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(root / "latest", final.name + "\n")
+    except BaseException as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not renamed and (old / final.name).is_dir() and not final.exists():
+            os.replace(old / final.name, final)  # put the earlier copy of this step back
+        if isinstance(error, OSError):
+            raise _write_error(error, step, final, previous, renamed) from error
         raise
-    atomic_write_text(root / "latest", final.name + "\n")
     older = [path for path in list_checkpoints(run_dir) if _step_of(path) < step]
     for path in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _write_error(error: OSError, step: int, final: Path, previous: Path | None,
+                 renamed: bool) -> CheckpointWriteError:
+    """The CheckpointWriteError for `error`, saying what is left on disk and what to do."""
+    where = f" ({error.filename})" if error.filename else ""
+    if renamed and previous is not None and previous != final:
+        kept = (f"The new checkpoint {final.name} is complete, but checkpoints/latest still names "
+                f"{previous.name}, which is intact.")
+    elif previous is not None:
+        kept = f"The previous checkpoint {previous} is intact and checkpoints/latest still points to it."
+    else:
+        kept = "There is no earlier checkpoint."
+    fix = ("free disk space (or set output_dir to a disk with room), then continue the run with resume=true"
+           if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause, then continue the run with resume=true")
+    wrapped = CheckpointWriteError(f"could not save checkpoint step {step} to {final}: "
+                                   f"{error.strerror or error}{where}. {kept} To go on: {fix}.")
+    wrapped.errno = error.errno
+    return wrapped
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -122,39 +173,149 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint named by `checkpoints/latest` when it is complete, else the complete checkpoint
-    with the largest step, else None."""
-    root = Path(run_dir) / "checkpoints"
-    try:
-        name = (root / "latest").read_text(encoding="utf-8").strip()
-    except OSError:
-        name = ""
-    if _STEP_DIR.match(name) and _is_complete(root / name):
-        return root / name
+    with the largest step, else None. "Complete" only looks at which files exist; `load_latest_intact`
+    also verifies their contents."""
+    name = _latest_name(Path(run_dir) / "checkpoints")
+    if _STEP_DIR.match(name) and _is_complete(Path(run_dir) / "checkpoints" / name):
+        return Path(run_dir) / "checkpoints" / name
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> Checkpoint:
+def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
+                       objects: bool = True) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint of `run_dir` that loads and verifies, and one line "<folder>: <what is wrong>"
+    per damaged checkpoint skipped on the way.
+
+    Tried in order: the folder `checkpoints/latest` names, then every other `step_N` folder by decreasing
+    step (folders without state.json included: a save renames a folder into place only once it is whole,
+    so such a folder is damaged). Returns (None, []) when the run has no checkpoint folder at all; raises a
+    CheckpointError naming each damaged checkpoint and why when it has some and none is intact.
+    """
+    root = Path(run_dir) / "checkpoints"
+    folders = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_step_of,
+                     reverse=True) if root.is_dir() else []
+    pointed = root / _latest_name(root)
+    if pointed in folders:
+        folders.remove(pointed)
+        folders.insert(0, pointed)
+    damaged = []
+    for folder in folders:
+        try:
+            return load_checkpoint(folder, weights_only=weights_only, objects=objects), damaged
+        except CheckpointError as error:
+            damaged.append(str(error))
+    if damaged:
+        raise CheckpointError(f"{root} holds no intact checkpoint: " + "; ".join(damaged))
+    return None, []
+
+
+def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, objects: bool = True) -> Checkpoint:
     """Load a checkpoint folder; tensors come back on the CPU. `weights_only=False` allows `.pt` objects
-    other than tensors and plain containers (only for files you trust)."""
+    other than tensors and plain containers (only for files you trust); `objects=False` skips the `.pt`
+    files (neither checked nor loaded: `objects` is then empty).
+
+    Each file is checked against the manifest (size, then sha256) before it is parsed, and loaded tensors
+    must hold no NaN; any problem is a CheckpointError naming the file and what is wrong.
+    """
     path = Path(path)
+    meta = _read_state(path)
+    verified = meta["format"] != _UNVERIFIED_FORMAT
+    tensors = {}
+    for name in meta["tensors"]:
+        file = path / f"{name}.safetensors"
+        _check_file(file, meta.get("files"))
+        try:
+            tensors[name] = load_file(str(file), device="cpu")
+        except Exception as error:  # SafetensorError and OSError: a damaged or unreadable file
+            raise CheckpointError(f"{file}: unreadable safetensors file ({type(error).__name__}: {error})") from None
+        for key, tensor in tensors[name].items():
+            if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+                raise CheckpointError(f"{file}: tensor {key!r} holds NaN values (damaged weights, or a run that "
+                                      "diverged before this save)")
+    loaded = {}
+    for name in meta["objects"] if objects else ():
+        file = path / f"{name}.pt"
+        _check_file(file, meta.get("files"))
+        try:
+            with open(file, "rb") as handle:
+                loaded[name] = torch.load(handle, map_location="cpu", weights_only=weights_only)
+        except Exception as error:  # UnpicklingError, RuntimeError (bad zip), EOFError, OSError, ...
+            raise CheckpointError(f"{file}: unreadable torch file ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    return Checkpoint(path=path, step=meta["step"], tensors=tensors, objects=loaded, state=meta["state"],
+                      rng=meta["rng"], verified=verified)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """state.json of the checkpoint folder `path`, its fields checked."""
     state_path = path / "state.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder (no such folder)")
     try:
-        meta = json.loads(state_path.read_text(encoding="utf-8"))
-    except OSError:
-        raise ValueError(f"{path} is not a checkpoint folder (no readable state.json)") from None
+        text = state_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint folder (no readable state.json)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{state_path}: unreadable ({error})") from None
+    try:
+        meta = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{state_path}:{error.lineno}: corrupt checkpoint state: {error.msg}") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{state_path}: checkpoint format {meta.get('format')!r} is not supported; "
-                         f"allowed: {FORMAT_VERSION}")
-    tensors = {name: load_file(str(path / f"{name}.safetensors"), device="cpu") for name in meta["tensors"]}
-    objects = {}
-    for name in meta["objects"]:
-        with open(path / f"{name}.pt", "rb") as handle:
-            objects[name] = torch.load(handle, map_location="cpu", weights_only=weights_only)
-    return Checkpoint(path=path, step=int(meta["step"]), tensors=tensors, objects=objects,
-                      state=meta["state"], rng=meta["rng"])
+        raise CheckpointError(f"{state_path}:{error.lineno}: corrupt checkpoint state (truncated or damaged): "
+                              f"{error.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") not in (_UNVERIFIED_FORMAT, FORMAT_VERSION):
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{state_path}: checkpoint format {found!r} is not supported; "
+                              f"allowed: {_UNVERIFIED_FORMAT} (unverified), {FORMAT_VERSION}")
+    fields = {"step": int, "rng": dict, "tensors": list, "objects": list, "state": dict}
+    if meta["format"] == FORMAT_VERSION:
+        fields["files"] = dict
+    for key, kind in fields.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{state_path}: malformed checkpoint state: {key!r} must be a {kind.__name__}, "
+                                  f"got {type(meta.get(key)).__name__}")
+    return meta
+
+
+def _check_file(file: Path, manifest: Mapping[str, Any] | None) -> None:
+    """Raise a CheckpointError unless `file` exists and matches its manifest entry (size and sha256)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (state.json lists it)")
+    if manifest is None:  # format 1: nothing to compare with
+        return
+    entry = manifest.get(file.name)
+    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        raise CheckpointError(f"{file}: no size and sha256 for it in {file.parent / 'state.json'}")
+    size = file.stat().st_size
+    if size < entry["bytes"]:
+        raise CheckpointError(f"{file}: truncated: {size} bytes, expected {entry['bytes']}")
+    if size > entry["bytes"]:
+        raise CheckpointError(f"{file}: {size} bytes, expected {entry['bytes']} (data appended after the save)")
+    digest = _sha256(file)
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{file}: checksum mismatch (sha256 {digest[:16]}..., saved {entry['sha256'][:16]}...): "
+                              "its contents changed after the save (disk or copy damage)")
+
+
+def _sha256(file: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(file, "rb", buffering=0) as handle:
+        while True:
+            n = handle.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _latest_name(root: Path) -> str:
+    try:
+        return (root / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def check_state_tensors(what: str, expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:

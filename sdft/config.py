@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
@@ -26,7 +27,11 @@ __all__ = [
     "ModelConfig", "StudentConfig", "TeacherConfig", "ObjectiveConfig", "OptimConfig", "GenerationConfig",
     "DataConfig", "BenchmarkConfig", "EvalConfig", "LoggingConfig", "CheckpointConfig", "BackendConfig",
     "Config", "load_config", "apply_overrides", "validate_config", "config_to_dict", "dump_config", "MOVED_KEYS",
+    "TRACKERS", "SHIPPED_CONFIG_DIR", "shipped_config_names", "resolve_config_path",
 ]
+
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The configs that ship inside the package (the repository's configs/ folder): `--config quickstart` names one."""
 
 MOVED_KEYS = {
     "loss.targets": "objective.targets", "loss.kind": "objective.full.kind", "loss.beta": "objective.full.beta",
@@ -129,31 +134,54 @@ class GenerationConfig(Section):
     max_new_tokens: int = setting(1024, ge=1, doc="completion length cap of on-policy samples")
     temperature: float = setting(1.0, gt=0)
     top_p: float = setting(1.0, gt=0, le=1)
-    batch_size: int = setting(8, ge=1, doc="prompts per sampling call")
+    batch_size: int = setting(8, ge=1, doc="prompts per sampling call (native engine)")
+    engine: Literal["native", "vllm"] = setting(
+        "native", doc="native: batched KV-cache decoding in PyTorch; vllm: an in-process vLLM engine (the "
+                      "[vllm] extra), weights reloaded after every optimizer step")
+    vllm_gpu_memory_utilization: float = setting(0.3, gt=0, le=1, doc="engine=vllm on a GPU: its share of the "
+                                                                      "GPU's memory")
+    vllm_cpu_kv_cache_gib: float = setting(1.0, gt=0, doc="engine=vllm on the CPU: its KV cache (GiB)")
+    vllm_max_model_len: Optional[int] = setting(None, ge=1, doc="engine=vllm: longest prompt + completion "
+                                                                "(null: the model's)")
+    vllm_sleep: Optional[bool] = setting(None, doc="engine=vllm: sleep between generations, weights and KV "
+                                                   "cache off the GPU (null: on GPUs)")
 
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    kind: Literal["jsonl", "tooluse", "science", "hf"] = setting("jsonl", doc="the loader")
-    path: Optional[str] = setting(None, doc="required: a JSONL file, a dataset folder, or a dataset id")
+    kind: Literal["jsonl", "messages", "prompt_completion", "privileged_context", "hf", "tooluse", "science"] = setting(
+        "jsonl", doc="the row schema: jsonl (evsys {inputs, expected}), messages, prompt_completion, "
+                     "privileged_context (TRL SDFT), hf (question/answer columns), tooluse, science")
+    path: Optional[str] = setting(None, doc="required: a .jsonl/.json/.parquet file, a dataset folder (save_to_disk "
+                                            "or data files), or a hub dataset id (downloaded once, then cached)")
+    hf_config: Optional[str] = setting(None, doc="the dataset's config (subset) name, for a hub id or a data folder")
+    hf_split: str = setting("train", doc="the split of a hub id, a data folder or a DatasetDict folder")
+    hf_revision: Optional[str] = setting(None, doc="a hub dataset's branch, tag or commit (null: main)")
     user_template: str = setting("{question}", doc="jsonl/hf: the user turn, formatted with the row's fields")
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = setting(
+        None, doc="the system turn of every example's prompts, student and teacher, training and held-out "
+                  "(replaces a row's own); evsys task folders are evaluated as written")
+    chat_template_kwargs: dict[str, Any] = setting(
+        {}, doc="extra variables for the chat template of every prompt, e.g. {enable_thinking: false}")
     max_prompt_tokens: int = setting(
         1024, ge=1, doc="student prompts are cut from the left; teacher prompts from the end of the demonstration")
     thinking_format: bool = setting(False, doc="science: the cookbook's thinking format")
     split: Literal["none", "random", "api"] = setting("none", doc="how a held-out test split is carved out")
     test_fraction: float = setting(0.2, gt=0, lt=1)
     split_seed: int = 0
-    hf_split: str = "train"
-    question_field: str = "question"
-    answer_field: str = "answer"
+    question_field: str = setting("question", doc="hf: the column that fills {question} of user_template")
+    answer_field: str = setting("answer", doc="hf: the answer and demonstration column; other kinds: the held-out "
+                                              "reference when the row has it (else the demonstration)")
     max_examples: Optional[int] = setting(None, ge=1, doc="caps the training examples")
     fallback_path: Optional[str] = setting(None, doc="used instead of path when path does not exist")
     fallback_split: Literal["none", "random", "api"] = setting("none", doc="replaces split when the fallback is used")
 
     def check(self) -> str | None:
         if self.path is None or not self.path.strip():
-            return f"data.path is required (data.kind={self.kind}: a JSONL file, a dataset folder or a dataset id)"
+            return (f"data.path is required (data.kind={self.kind}: a data file, a dataset folder or a hub "
+                    "dataset id)")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            return "data.system_prompt is blank; give a text with at least one non-space character, or null"
         return None
 
 
@@ -184,11 +212,34 @@ class EvalConfig(Section):
     batch_size: int = setting(8, ge=1, doc="prompts per greedy decoding call")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+"""The experiment trackers of `logging.report_to` (accelerate.tracking names)."""
+
+
 @dataclass(frozen=True)
 class LoggingConfig(Section):
-    tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = setting(
+        ["tensorboard"], doc="trackers that get every metrics.jsonl row (accelerate.tracking); [] for none")
+    project: str = setting("sdft", check=_check_non_empty,
+                           doc="the wandb and trackio project, the MLflow experiment; the run is run_name")
+    tensorboard: Optional[bool] = setting(
+        None, doc="the older switch: true adds tensorboard to report_to, false removes it (null: report_to decides)")
     plot: bool = setting(True, doc="learning_curves.png at the end")
     progress: bool = True
+
+    def check(self) -> str | None:
+        repeated = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if repeated:
+            return f"logging.report_to names {', '.join(repeated)} more than once"
+        return None
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers this run logs to: report_to, with tensorboard added or removed by `tensorboard`."""
+        chosen = [name for name in self.report_to if name != "tensorboard" or self.tensorboard is not False]
+        if self.tensorboard and "tensorboard" not in chosen:
+            chosen.insert(0, "tensorboard")
+        return tuple(chosen)
 
 
 @dataclass(frozen=True)
@@ -214,7 +265,8 @@ class Config(Section):
     seed: int = 0
     run_name: str = setting("sdft", check=_check_run_name)
     output_dir: str = setting("runs", check=_check_non_empty)
-    resume: bool = setting(False, doc="continue the run in output_dir/run_name from its latest checkpoint")
+    resume: bool = setting(False, doc="continue the run in output_dir/run_name from its newest intact checkpoint")
+    overwrite: bool = setting(False, doc="start anew in a folder that holds a run: the old folder is moved aside")
     algorithm: Literal["sdft", "sft"] = setting("sdft", doc="sft: the cross-entropy baseline on the demonstrations")
     model: ModelConfig = subsection(ModelConfig)
     student: StudentConfig = subsection(StudentConfig)
@@ -229,9 +281,31 @@ class Config(Section):
     backend: BackendConfig = subsection(BackendConfig)
 
 
+def shipped_config_names() -> list[str]:
+    """The names of the shipped configs (run configs and experiment specs), sorted."""
+    return sorted(p.stem for p in SHIPPED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file: `name_or_path` itself when it is a file, else the shipped config of that name
+    ("quickstart" or "quickstart.yaml"); a FileNotFoundError naming the shipped configs otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():  # a file (or /dev/null: all defaults)
+        return path
+    text = os.fspath(name_or_path)
+    if path.parent == Path(".") and text not in ("", ".", ".."):
+        shipped = SHIPPED_CONFIG_DIR / (text if text.endswith((".yaml", ".yml")) else text + ".yaml")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"config {text!r} is neither a file nor a shipped config; shipped configs: "
+                            f"{', '.join(shipped_config_names()) or 'none'}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML file at `path` (None: all defaults), apply `key=value` overrides in order, type-check
-    every field and run `validate_config`."""
+    """Read the YAML file at `path` (a file or the name of a shipped config, `resolve_config_path`; None: all
+    defaults), apply `key=value` overrides in order, type-check every field and run `validate_config`."""
+    if path is not None:
+        path = resolve_config_path(path)
     config = load_tree(Config, path, overrides, moved=MOVED_KEYS)
     validate_config(config)
     return config

@@ -1,18 +1,25 @@
-"""PromptExample, the unit of SDFT data, and its loaders: evsys-style JSONL, the official tool-use and
-science folders (train and eval schemas), generic Hugging Face datasets, and deterministic splits.
+"""PromptExample, the unit of SDFT data, and its loaders: evsys-style JSONL, the chat formats TRL users
+have (`messages`; `prompt`/`completion`; TRL SDFT's `prompt`/`privileged_context`), question/answer
+columns, the official tool-use and science folders (train and eval schemas), and deterministic splits.
+
+Where rows come from (`read_rows`): a .jsonl/.json/.parquet file, a `save_to_disk` folder, a folder of data
+files, or a hub dataset id with its config, split and revision (downloaded once into the Hugging Face cache).
 
 Every loader returns a list of PromptExample in file order. Example ids:
 - tool use: "<API name>/<row index>" (the API name is what `split_examples(by="api")` groups by);
-- science: "science/<row index>"; generic HF datasets: "<split or 'data'>/<row index>";
-- JSONL: the row's "id" (or "task_id") if present, else "<file stem>/<line number>".
+- science: "science/<row index>"; chat formats and question/answer rows: "<file stem or split>/<row index>";
+- evsys JSONL: the row's "id" (or "task_id") if present, else "<file stem>/<line number>".
 
 Degenerate rows are refused when they load, with the file and line (JSONL) or the row index and column
 (folders and datasets): a null or blank expected answer or demonstration (a demonstration of "" or
 "null" teaches the teacher nothing), a tool-use golden answer with no calls, and a blank question (a
-user turn whose row fields are all blank). Files that are not UTF-8 are errors naming the line.
+user turn whose row fields are all blank). A field of the wrong type (a chat-message list where text is
+formatted, a message whose content is not text) is an error naming the row and column, never turned into
+text. Files that are not UTF-8 are errors naming the line.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import random
@@ -117,6 +124,11 @@ def _format_user(template: str, fields: dict, where: str, describe: Callable[[st
         if fields[root] is None:
             raise ValueError(f"{where}: {describe(root)} is null; allowed: text with at least one non-space "
                              f"character (the user turn is rendered by user_template {template!r})")
+        if isinstance(fields[root], (list, tuple, dict)):
+            shape = "a list (a conversation?)" if isinstance(fields[root], (list, tuple)) else "a mapping"
+            raise ValueError(f"{where}: {describe(root)} is {shape}, not text: user_template {template!r} formats "
+                             "text fields only; for prompts given as chat messages use data.kind=prompt_completion, "
+                             "messages or privileged_context")
         roots.append(root)
     text = template.format(**fields)
     used = list(dict.fromkeys(roots))
@@ -234,9 +246,13 @@ def _messages_from(value: Any, where: str) -> tuple[dict, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{where}: expected a non-empty list of chat messages, got {value!r:.200}")
     messages = []
-    for message in value:
+    for index, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}: each message needs 'role' and 'content', got {message!r:.200}")
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise ValueError(f"{where}[{index}]: '{key}' must be text, got "
+                                 f"{type(message[key]).__name__} {message[key]!r:.120}")
         messages.append({"role": message["role"], "content": message["content"]})
     if messages[-1]["role"] != "user":
         raise ValueError(f"{where}: the last message must be the user turn, got role {messages[-1]['role']!r}")
@@ -362,53 +378,310 @@ def load_science(path: str | Path, thinking_format: bool = False,
     return examples
 
 
-# ---------------------------------------------------------------------------------------- HF datasets
+# ------------------------------------------------------------------------------------------ sources
 
-def _open_hf(path_or_name: str, split: str | None):
-    path = Path(path_or_name).expanduser()
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a dataset as plain dicts, each with `where` it came from ("<file>:<line>" or
+    "<source> row <i>") for error messages; `label` prefixes example ids ("<label>/<index>")."""
+    source: str
+    label: str
+    rows: tuple[tuple[str, dict], ...]
+
+    @property
+    def columns(self) -> list[str]:
+        return sorted({key for _, row in self.rows for key in row})
+
+
+def read_rows(path_or_name: str | Path, *, split: str | None = "train", config: str | None = None,
+              revision: str | None = None) -> Rows:
+    """Read a dataset's rows from:
+
+    - a data file: `.jsonl` (one JSON object per line; errors name the line), `.json` (a list of objects)
+      or `.parquet`;
+    - a folder written by `save_to_disk` (`split` picks from a DatasetDict and is ignored for a single
+      Dataset), or a folder of data files laid out like a hub dataset repository (`config`, `split`);
+    - a hub dataset id (`config`, `split`, `revision`), loaded with `datasets.load_dataset`: downloaded on first
+      use into the Hugging Face cache, then read from it; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured,
+      and a repository already in the hub cache (e.g. fetched with `hf download --repo-type dataset`) is read
+      from there when the hub cannot be reached.
+    """
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if config is not None:
+            raise ValueError(f"{path}: data.hf_config={config!r} applies to hub datasets and data folders, not to "
+                             "a single file")
+        return _file_rows(path)
     if path.is_dir():
-        return _load_disk(path, split)
+        if any((path / marker).is_file() for marker in _DISK_MARKERS):
+            if config is not None:
+                raise ValueError(f"{path}: data.hf_config={config!r} does not apply to a save_to_disk folder "
+                                 "(it has splits, not configs)")
+            return _dataset_rows(_load_disk(path, split), str(path), split)
+        return _dataset_rows(_load_folder(path, config, split), str(path), split)
+    if path.suffix in DATA_FILE_SUFFIXES or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"data file or folder {text!r} does not exist (nor is it a hub dataset id "
+                                "of the form 'name' or 'owner/name')")
+    return _dataset_rows(_load_hub(text, config, split, revision), text, split)
+
+
+def _file_rows(path: Path) -> Rows:
+    if path.suffix not in DATA_FILE_SUFFIXES:
+        raise ValueError(f"{path}: unknown data file type {path.suffix or '(none)'!r}; allowed: "
+                         f"{', '.join(DATA_FILE_SUFFIXES)}, or a dataset folder")
+    rows: list[tuple[str, dict]] = []
+    if path.suffix == ".jsonl":
+        for lineno, line in iter_text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+            rows.append((f"{path}:{lineno}", row))
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of row objects, got {type(data).__name__} "
+                             "(one object per line is a .jsonl file)")
+        rows = [(f"{path} row {index}", row) for index, row in enumerate(data)]
+    else:
+        import pyarrow.parquet
+
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
+        rows = [(f"{path} row {index}", row) for index, row in enumerate(table.to_pylist())]
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object (one row), got {type(row).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty)")
+    return Rows(source=str(path), label=path.stem, rows=tuple(rows))
+
+
+def _dataset_rows(dataset, source: str, split: str | None) -> Rows:
+    rows = tuple((f"{source} row {index}", dict(row)) for index, row in enumerate(dataset))
+    if not rows:
+        raise ValueError(f"dataset {source!r} split {split!r} has no rows")
+    return Rows(source=source, label=split or "data", rows=rows)
+
+
+def _load_folder(path: Path, config: str | None, split: str | None, what: str | None = None):
+    """A folder of data files (the layout of a hub dataset repository) through `datasets.load_dataset`;
+    `what` names it in errors (default: "dataset folder '<path>'")."""
     import datasets
-    from huggingface_hub import snapshot_download
+
+    what = what or f"dataset folder {str(path)!r}"
+    if split is None:
+        raise ValueError(f"{what}: a split is needed (data.hf_split)")
+    try:
+        return datasets.load_dataset(str(path), config, split=split)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{what} (config {config!r}, split {split!r}): {error}") from None
+
+
+def _load_hub(name: str, config: str | None, split: str | None, revision: str | None):
+    """A hub dataset through `datasets.load_dataset`; when the hub cannot be reached (offline), the copy of
+    the repository in the hub cache, if any."""
+    import datasets
 
     if split is None:
-        raise ValueError(f"dataset {path_or_name!r}: a hub dataset needs a split, got None")
+        raise ValueError(f"dataset {name!r}: a hub dataset needs a split (data.hf_split)")
     try:
-        local = snapshot_download(repo_id=str(path_or_name), repo_type="dataset", local_files_only=True)
-    except Exception as error:  # huggingface_hub raises several types for "not cached"/"bad id"
-        raise FileNotFoundError(
-            f"dataset {path_or_name!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({error.__class__.__name__}). Download it on a machine with network access "
-            f"(`huggingface-cli download --repo-type dataset {path_or_name}`) and copy the cache here, "
-            "or save it with save_to_disk and pass that folder") from error
-    return datasets.load_dataset(local, split=split)
+        return datasets.load_dataset(name, config, split=split, revision=revision)
+    except ConnectionError as error:
+        unreachable = error
+    except (ValueError, FileNotFoundError) as error:  # unknown config or split, no such dataset
+        raise ValueError(f"dataset {name!r} (config {config!r}, split {split!r}): {error}") from None
+    from huggingface_hub import snapshot_download
 
+    try:
+        local = snapshot_download(repo_id=name, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception as error:  # huggingface_hub raises several types for "not cached" and "bad id"
+        raise FileNotFoundError(
+            f"dataset {name!r} could not be loaded from the hub ({unreachable}) and is not in the local Hugging "
+            f"Face cache ({error.__class__.__name__}). Load it once on a machine with network access (or "
+            f"`hf download --repo-type dataset {name}`) and copy the cache (HF_HOME) here, or pass a local "
+            "data file or folder") from None
+    return _load_folder(Path(local), config, split, what=f"dataset {name!r} (from the hub cache {local})")
+
+
+# ---------------------------------------------------------------------------------------- HF datasets
 
 def load_hf_dataset(path_or_name: str, split: str | None, question_field: str, answer_field: str,
-                    user_template: str = "{question}", system_prompt: str | None = None) -> list[PromptExample]:
-    """Rows of a generic Hugging Face dataset: a local save_to_disk folder (split selects from a
-    DatasetDict and is ignored for a single Dataset) or a hub dataset already in the local cache.
+                    user_template: str = "{question}", system_prompt: str | None = None,
+                    config: str | None = None, revision: str | None = None) -> list[PromptExample]:
+    """Question/answer rows from any `read_rows` source (a file, a dataset folder or a hub id).
 
     The user turn is user_template formatted with the row's columns plus `question` = the
     question_field column; the answer_field column is both answer and demonstration (JSON-encoded
     if not a string). task = "generic".
     """
-    dataset = _open_hf(path_or_name, split)
-    _require_columns(dataset, path_or_name, [question_field, answer_field], "question/answer")
+    rows = read_rows(path_or_name, split=split, config=config, revision=revision)
+    missing = [name for name in (question_field, answer_field) if name not in rows.columns]
+    if missing:
+        raise ValueError(f"{path_or_name}: missing column(s) {missing} for the question/answer schema; "
+                         f"columns present: {rows.columns}")
     examples = []
+
     def describe(name: str) -> str:
         return f"column {(question_field if name == 'question' else name)!r}"
 
-    for index, row in enumerate(dataset):
-        where = f"{path_or_name} row {index}"
-        fields = {**row, "question": row[question_field]}
-        answer = _require_answer(row[answer_field], f"{where}: column {answer_field!r} (the answer)")
+    for index, (where, row) in enumerate(rows.rows):
+        fields = {**row, "question": row.get(question_field)}
+        answer = _require_answer(row.get(answer_field), f"{where}: column {answer_field!r} (the answer)")
         user = _format_user(user_template, fields, where, describe)
-        examples.append(PromptExample(id=f"{split or 'data'}/{index}", messages=_chat(user, system_prompt),
+        examples.append(PromptExample(id=f"{rows.label}/{index}", messages=_chat(user, system_prompt),
                                       demonstration=_as_text(answer), answer=answer, task="generic"))
-    if not examples:
-        raise ValueError(f"dataset {path_or_name!r} split {split!r} has no rows")
     return examples
+
+
+# ------------------------------------------------------------------------------ conversational rows
+
+def _content(message: Any, where: str) -> tuple[str, str]:
+    """(role, content) of a chat message whose role and content are text."""
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        raise ValueError(f"{where}: expected a chat message {{'role': ..., 'content': ...}}, got {message!r:.160}")
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str):
+        raise ValueError(f"{where}: 'role' must be text, got {type(role).__name__} {role!r:.80}")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: 'content' must be text, got {type(content).__name__} {content!r:.120}; "
+                         "allowed: a string (messages with content parts are not supported)")
+    return role, content
+
+
+def _prompt_messages(value: Any, where: str) -> tuple[dict, ...]:
+    """A prompt column: a string (one user turn) or a list of chat messages ending with the user turn."""
+    if isinstance(value, str):
+        require_text(value, where)
+        return ({"role": "user", "content": value},)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where} must be text or a non-empty list of chat messages, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r:.120}")
+    messages = tuple(dict(zip(("role", "content"), _content(m, f"{where}[{i}]"))) for i, m in enumerate(value))
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message must be the user turn, got role {messages[-1]['role']!r}")
+    require_text(messages[-1]["content"], f"{where}[{len(messages) - 1}]: the user turn's content")
+    return messages
+
+
+def _assistant_text(value: Any, where: str) -> str:
+    """A completion column: a string, or a list holding exactly one assistant message."""
+    if isinstance(value, str):
+        return require_text(value, where)
+    if not isinstance(value, (list, tuple)) or len(value) != 1:
+        raise ValueError(f"{where} must be text or a list of exactly one assistant message, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r:.120}")
+    role, content = _content(value[0], f"{where}[0]")
+    if role != "assistant":
+        raise ValueError(f"{where}[0]: the completion must be an assistant message, got role {role!r}")
+    return require_text(content, f"{where}[0]: the assistant's content")
+
+
+def _context_text(value: Any, where: str) -> str:
+    """A privileged_context column: a string, or chat messages whose contents are joined by newlines."""
+    if isinstance(value, str):
+        return require_text(value, where)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where} must be text or a non-empty list of chat messages, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r:.120}")
+    text = "\n".join(_content(m, f"{where}[{i}]")[1] for i, m in enumerate(value))
+    return require_text(text, f"{where} (the messages' contents)")
+
+
+def _messages_row(row: dict, where: str) -> tuple[tuple[dict, ...], str]:
+    value = row.get("messages")
+    column = f"{where}: column 'messages'"
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise ValueError(f"{column} must be a list of chat messages ending with the assistant's answer, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r:.120}")
+    role, answer = _content(value[-1], f"{column}[{len(value) - 1}]")
+    if role != "assistant":
+        raise ValueError(f"{column}[{len(value) - 1}]: the last message must be the assistant's answer (the "
+                         f"demonstration), got role {role!r}")
+    require_text(answer, f"{column}[{len(value) - 1}]: the assistant's content (the demonstration)")
+    return _prompt_messages(list(value[:-1]), column), answer
+
+
+def _prompt_completion_row(row: dict, where: str) -> tuple[tuple[dict, ...], str]:
+    return (_prompt_messages(row.get("prompt"), f"{where}: column 'prompt'"),
+            _assistant_text(row.get("completion"), f"{where}: column 'completion'"))
+
+
+def _privileged_context_row(row: dict, where: str) -> tuple[tuple[dict, ...], str]:
+    return (_prompt_messages(row.get("prompt"), f"{where}: column 'prompt'"),
+            _context_text(row.get("privileged_context"), f"{where}: column 'privileged_context'"))
+
+
+CONVERSATIONAL_KINDS: Mapping[str, tuple[tuple[str, ...], Callable[[dict, str], tuple[tuple[dict, ...], str]]]] = \
+    MappingProxyType({"messages": (("messages",), _messages_row),
+                      "prompt_completion": (("prompt", "completion"), _prompt_completion_row),
+                      "privileged_context": (("prompt", "privileged_context"), _privileged_context_row)})
+"""kind -> (required columns, row -> (student messages, demonstration))."""
+
+
+def _load_conversational(kind: str, path_or_name: str | Path, split: str | None, config: str | None,
+                         revision: str | None, answer_field: str) -> list[PromptExample]:
+    columns, convert = CONVERSATIONAL_KINDS[kind]
+    rows = read_rows(path_or_name, split=split, config=config, revision=revision)
+    missing = [name for name in columns if name not in rows.columns]
+    if missing:
+        fitting = [other for other, (needed, _) in CONVERSATIONAL_KINDS.items() if set(needed) <= set(rows.columns)]
+        hint = f"; these columns fit data.kind={' or '.join(fitting)}" if fitting else ""
+        raise ValueError(f"{rows.source}: data.kind={kind} needs the column(s) {', '.join(columns)}; missing "
+                         f"{', '.join(missing)} (columns present: {', '.join(rows.columns)}){hint}")
+    examples = []
+    for index, (where, row) in enumerate(rows.rows):
+        messages, demonstration = convert(row, where)
+        answer = demonstration
+        if row.get(answer_field) is not None:
+            answer = _require_answer(row[answer_field], f"{where}: column {answer_field!r} (the reference answer)")
+        examples.append(PromptExample(id=f"{rows.label}/{index}", messages=messages, demonstration=demonstration,
+                                      answer=answer, task="generic"))
+    return examples
+
+
+def load_messages(path_or_name: str | Path, split: str | None = "train", config: str | None = None,
+                  revision: str | None = None, answer_field: str = "answer") -> list[PromptExample]:
+    """Rows `{"messages": [..., {"role": "user", ...}, {"role": "assistant", "content": demonstration}]}`: the
+    last assistant turn is the demonstration, the messages before it (ending with the user turn) the prompt.
+    The held-out reference is the `answer_field` column when the row has one, else the demonstration."""
+    return _load_conversational("messages", path_or_name, split, config, revision, answer_field)
+
+
+def load_prompt_completion(path_or_name: str | Path, split: str | None = "train", config: str | None = None,
+                           revision: str | None = None, answer_field: str = "answer") -> list[PromptExample]:
+    """Rows `{"prompt": text or messages, "completion": text or [one assistant message]}` (TRL's
+    prompt-completion format, standard or conversational): the completion is the demonstration."""
+    return _load_conversational("prompt_completion", path_or_name, split, config, revision, answer_field)
+
+
+def load_privileged_context(path_or_name: str | Path, split: str | None = "train", config: str | None = None,
+                            revision: str | None = None, answer_field: str = "answer") -> list[PromptExample]:
+    """Rows `{"prompt": text or messages, "privileged_context": text or messages}` (TRL's SDFT format): the
+    privileged context (message contents joined by newlines) is what the teacher sees, the demonstration."""
+    return _load_conversational("privileged_context", path_or_name, split, config, revision, answer_field)
+
+
+def with_system_prompt(example: PromptExample, system_prompt: str | None) -> PromptExample:
+    """`example` with `system_prompt` as its only system turn (first); unchanged when it is None."""
+    if system_prompt is None:
+        return example
+    rest = tuple(message for message in example.messages if message.get("role") != "system")
+    return dataclasses.replace(example, messages=({"role": "system", "content": system_prompt}, *rest))
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -461,6 +734,9 @@ LOADERS: Mapping[str, Callable[..., list[PromptExample]]] = MappingProxyType({
     "tooluse": load_tooluse,
     "science": load_science,
     "hf": load_hf_dataset,
+    "messages": load_messages,
+    "prompt_completion": load_prompt_completion,
+    "privileged_context": load_privileged_context,
 })
 
 

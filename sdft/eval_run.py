@@ -23,41 +23,72 @@ RESULTS_MD = "results.md"
 @dataclass(frozen=True)
 class RunStudent:
     """A local run's student rebuilt from its folder: the backend holding it, its tokenizer, the run's
-    config and the checkpoint folder whose weights were loaded."""
+    config, the checkpoint folder whose weights were loaded, and notes on how it was chosen (damaged newer
+    checkpoints skipped, a checkpoint without checksums)."""
     backend: object
     tokenizer: object
     config: Config
     checkpoint: Path
+    notes: tuple[str, ...] = ()
+
+
+def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of the run in `run_dir` (its config.yaml plus `overrides`)."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
+    return load_config(config_path, list(overrides))
+
+
+def find_run_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints,
+    or a path) of the run in `run_dir`; None: the latest complete checkpoint."""
+    from sdft.checkpoint import latest_checkpoint, list_checkpoints
+
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+        return path
+    candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
+    path = next((c for c in candidates if c.is_dir()), None)  # loading then names what a damaged one lacks
+    if path is None:
+        names = [p.name for p in list_checkpoints(run_dir)]
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
+                                f"complete checkpoints: {names or 'none'}")
+    return path
 
 
 def load_run_student(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                      overrides: list[str] | tuple[str, ...] = (), device=None) -> RunStudent:
     """Rebuild the student of the local run in `run_dir` (its config.yaml plus `overrides`) with the weights of
     `checkpoint` (a folder name such as "step_00000004" inside run_dir/checkpoints, or a path; default:
-    the latest complete checkpoint)."""
+    the newest intact checkpoint). The checkpoint's files are verified (sdft.checkpoint.load_checkpoint): a
+    damaged chosen checkpoint is a CheckpointError naming the file; without `checkpoint`, damaged newer ones
+    are skipped and said in `notes`."""
     from sdft.backends import build_backend, require_local_weights
-    from sdft.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from sdft.checkpoint import load_checkpoint, load_latest_intact
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: not a run folder")
-    config = load_config(config_path, list(overrides))
-    require_local_weights(config, str(config_path))
+    config = load_run_config(run_dir, overrides)
+    require_local_weights(config, str(run_dir / "config.yaml"))
+    notes = []
     if checkpoint is None:
-        path = latest_checkpoint(run_dir)
-        if path is None:
+        loaded, damaged = load_latest_intact(run_dir, objects=False)
+        if loaded is None:
             raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+        notes += [f"damaged checkpoint skipped: {line}" for line in damaged]
+        if damaged:
+            notes.append(f"evaluated {loaded.path.name}, the newest intact checkpoint")
     else:
-        candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
-        path = next((c for c in candidates if (c / "state.json").is_file()), None)
-        if path is None:
-            names = [p.name for p in list_checkpoints(run_dir)]
-            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found in {run_dir / 'checkpoints'}; "
-                                    f"complete checkpoints: {names or 'none'}")
+        loaded = load_checkpoint(find_run_checkpoint(run_dir, checkpoint), objects=False)
+    if not loaded.verified:
+        notes.append(f"{loaded.path.name} was saved without checksums by an earlier version: loaded unverified")
     backend = build_backend(config, steps=1, device=device)
-    backend.load_state_tensors(load_checkpoint(path).tensors)
-    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=path)
+    backend.load_state_tensors(loaded.tensors)
+    return RunStudent(backend=backend, tokenizer=backend.tokenizer, config=config, checkpoint=loaded.path,
+                      notes=tuple(notes))
 
 
 def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None = None,
@@ -68,7 +99,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     (default: <run>/eval/<checkpoint name> for a run, else <output_dir>/eval/<last part of model.name>);
     `progress` draws a bar per benchmark (items done, time left).
 
-    Returns the results.json content: {"model", "run", "checkpoint", "out_dir", "benchmarks": {name: the
+    Returns the results.json content: {"model", "run", "checkpoint", "notes", "out_dir", "benchmarks": {name: the
     `EvalResult` fields ("name", "split", "n", "correct", "pass_at_1", "ci_low", "ci_high", "per_item" as 0/1)
     and "max_new_tokens"}}.
     """
@@ -83,7 +114,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         config, tokenizer = student.config, student.tokenizer
         generate = lambda prompts, n: student.backend.generate_greedy(  # noqa: E731
             prompts, n, batch_size=config.eval.batch_size)
-        described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name}
+        described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name, "notes": list(student.notes)}
         causal_lm = student.backend.module
     else:
         if config is None:
@@ -96,7 +127,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
             model.to(device)
         generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy
         causal_lm = model
-        described = {"run": None, "checkpoint": None}
+        described = {"run": None, "checkpoint": None, "notes": []}
     if not config.eval.benchmarks:
         raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")
     data = load_run_data(config)
@@ -108,7 +139,8 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     benchmarks = build_benchmarks(config, data.heldout)
     results = evaluate_benchmarks(benchmarks, generate, tokenizer, predictions_dir=out_dir / "predictions",
                                   max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                                  progress=progress, causal_lm=causal_lm)
+                                  progress=progress, causal_lm=causal_lm,
+                                  chat_template_kwargs=config.data.chat_template_kwargs)
     for benchmark, _ in benchmarks:
         row = asdict(results[benchmark.name])
         row["per_item"] = [int(x) for x in row["per_item"]]

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from sdft.data import iter_text_lines
 from sdft.io import atomic_write_jsonl
@@ -209,14 +209,15 @@ def benchmark_from_examples(name: str, examples: Iterable[PromptExample], *, too
 def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
              max_prompt_tokens: int | None = None, max_items: int | None = None,
              predictions_path: str | os.PathLike | None = None, chunk_size: int | None = None,
-             on_progress: Callable[[int], None] | None = None) -> EvalResult:
+             on_progress: Callable[[int], None] | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> EvalResult:
     """Generate greedily for each item (the first `max_items`), decode without special tokens, score.
 
     `generate` is called on `chunk_size` prompts at a time, in order (None: all at once), and
     `on_progress(n)` after each call with the number of items it completed (a progress bar's update).
 
-    Prompts are rendered by `sdft.prompts.render_prompt_ids` (chat template, generation prompt, left
-    truncation to `max_prompt_tokens`). With `predictions_path`, writes one JSONL row per item
+    Prompts are rendered by `sdft.prompts.render_prompt_ids` (chat template with `chat_template_kwargs`,
+    generation prompt, left truncation to `max_prompt_tokens`). With `predictions_path`, writes one JSONL row per item
     atomically: ``{"id", "prompt" (last user message), "completion", "correct", "reference"}``.
     """
     from sdft.prompts import render_prompt_ids
@@ -224,7 +225,8 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
     if max_items is not None and not _is_positive_int(max_items):
         raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
     items = benchmark.items[:max_items] if max_items is not None else benchmark.items
-    prompts = [render_prompt_ids(tokenizer, list(item.messages), max_prompt_tokens) for item in items]
+    prompts = [render_prompt_ids(tokenizer, list(item.messages), max_prompt_tokens, chat_template_kwargs)
+               for item in items]
     if chunk_size is not None and not _is_positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     step = chunk_size or max(1, len(prompts))
@@ -253,7 +255,8 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
 def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark | LmEvalBenchmark, int | None]], generate: GenerateFn,
                         tokenizer: Any, *, predictions_dir: str | os.PathLike | None, tag: str = "",
                         max_prompt_tokens: int | None = None, chunk_size: int | None = None, progress: bool = False,
-                        causal_lm: Any = None) -> dict[str, EvalResult]:
+                        causal_lm: Any = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+                        ) -> dict[str, EvalResult]:
     """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl (None: not
     written); with `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call).
 
@@ -277,7 +280,7 @@ def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark | LmEvalBenchmark, 
             results[benchmark.name] = evaluate(
                 benchmark, generate, tokenizer, max_prompt_tokens=max_prompt_tokens, max_items=max_items,
                 predictions_path=path, chunk_size=chunk_size,
-                on_progress=bar.update)
+                on_progress=bar.update, chat_template_kwargs=chat_template_kwargs)
     return results
 
 

@@ -1,5 +1,12 @@
-"""Run outputs for people: metrics.jsonl, TensorBoard scalars, learning-curve plots, summary.md and
+"""Run outputs for people: metrics.jsonl, experiment trackers, learning-curve plots, summary.md and
 progress bars.
+
+Trackers (`logging.report_to`: tensorboard, wandb, trackio, mlflow) are accelerate's (`accelerate.tracking`),
+started by `MetricsLogger` on the main process; every numeric metric of a metrics.jsonl row goes to each of
+them under the same name at the same step (MLflow refuses '@' in a name: `pass@1` is `pass_at_1` there).
+TensorBoard writes to `<run_dir>/tensorboard`, wandb to `<run_dir>/wandb` (online, or offline with
+WANDB_MODE=offline), trackio to its local store (TRACKIO_DIR, default HF_HOME/trackio), MLflow to
+MLFLOW_TRACKING_URI; wandb, trackio and MLflow also get the run's config as flat `section.key` parameters.
 
 `metrics.jsonl` rows are `{"step": int, "split": str, "metrics": {key: value}}`. Keys carry their own
 prefix (`train/loss`, `val/<benchmark>/pass@1`); a key without a `/` is shown as `<split>/<key>`.
@@ -22,7 +29,7 @@ import yaml
 from sdft.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_learning_curves", "write_summary", "ProgressBar",
-           "metric_tag"]
+           "metric_tag", "tracker_key", "check_logging_requirements", "TRACKER_PACKAGES"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -35,22 +42,92 @@ def metric_tag(split: str, key: str) -> str:
     return key if "/" in key else f"{split}/{key}"
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+"""The package each tracker of logging.report_to imports (pip extras: sdft[tensorboard], [wandb], [trackio],
+[mlflow], or all of them: sdft[trackers])."""
+
+
+def tracker_key(tracker: str, tag: str) -> str:
+    """The name of metric `tag` in `tracker`: the tag itself, except that MLflow gets '@' as '_at_'."""
+    return tag.replace("@", "_at_") if tracker == "mlflow" else tag
+
+
+def check_logging_requirements(report_to: Sequence[str], plot: bool) -> None:
+    """A ValueError naming the setting and the pip extra when a package that the logging settings need is not
+    installed (checked before a run starts, not when the first metric arrives)."""
+    import importlib.util
+
+    for name in report_to:
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"logging.report_to: unknown tracker {name!r}; allowed: {', '.join(TRACKER_PACKAGES)}")
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"logging.report_to includes {name}, which needs the package {package!r}: "
+                             f"pip install 'sdft[{name}]' (or 'sdft[trackers]' for all trackers), or leave "
+                             f"{name} out of logging.report_to")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("logging.plot=true draws learning_curves.png with matplotlib, which is not installed: "
+                         "pip install 'sdft[plots]', or set logging.plot=false")
+
+
+def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} with scalars kept and lists or mappings of values as JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
+            flat.update(_flat_config(value, name + "."))
+        elif value is None or isinstance(value, (str, bool, int, float)):
+            flat[name] = "null" if value is None else value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def _start_tracker(name: str, run_dir: Path, *, run_name: str, project: str, purge_step: int | None,
+                   config: Mapping[str, Any] | None):
+    """An accelerate tracker, started (and given the config, except TensorBoard, whose run folder holds
+    config.yaml already)."""
+    from accelerate import PartialState
+    from accelerate import tracking
+
+    PartialState()  # accelerate's trackers log through accelerate.logging, which needs its state
+    if name == "tensorboard":
+        tracker = tracking.TensorBoardTracker(TENSORBOARD_DIR, run_dir, purge_step=purge_step)
+    elif name == "wandb":
+        tracker = tracking.WandBTracker(project, name=run_name, dir=str(run_dir))
+    elif name == "trackio":
+        tracker = tracking.TrackioTracker(project, name=run_name)
+    elif name == "mlflow":
+        tracker = tracking.MLflowTracker(experiment_name=project, run_name=run_name)
+    else:
+        raise ValueError(f"logging.report_to: unknown tracker {name!r}; allowed: {', '.join(TRACKER_PACKAGES)}")
+    tracker.start()
+    if name != "tensorboard" and config is not None:
+        tracker.store_init_configuration(_flat_config(config))
+    return tracker
+
+
 class MetricsLogger:
-    """Appends metric rows to `<run_dir>/metrics.jsonl` (flushed and fsynced per row) and, optionally,
-    TensorBoard scalars under `<run_dir>/tensorboard`.
+    """Appends metric rows to `<run_dir>/metrics.jsonl` (flushed and fsynced per row) and sends their numbers
+    to the trackers named in `report_to` (see the module docstring); `run_name`, `project` and `config` (a
+    nested dict, e.g. `config_to_dict(config)`) describe the run to the trackers.
 
     `resume_step=None` starts a fresh file. With `resume_step=N`, rows with step > N (written after the
     checkpoint being resumed) are dropped first by an atomic rewrite, and TensorBoard discards its events
-    after step N, so a resumed run has no duplicate rows. `keep_at_resume_step` (a collection of splits)
-    also drops the rows at step N of the other splits, for a run that logs step N again (a finished run
-    evaluated again from its final checkpoint keeps its last train row and replaces its final evaluation);
-    TensorBoard then discards its events from step N and gets the kept rows of step N again.
+    after step N, so a resumed run has no duplicate rows (the other trackers start a new run). `keep_at_resume_step`
+    (a collection of splits) also drops the rows at step N of the other splits, for a run that logs step N
+    again (a finished run evaluated again from its final checkpoint keeps its last train row and replaces its
+    final evaluation); TensorBoard then discards its events from step N and the trackers get the kept rows of
+    step N again.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None,
-                 keep_at_resume_step: Collection[str] | None = None):
+    def __init__(self, run_dir: str | os.PathLike, *, report_to: Sequence[str] = ("tensorboard",),
+                 run_name: str | None = None, project: str = "sdft", config: Mapping[str, Any] | None = None,
+                 resume_step: int | None = None, keep_at_resume_step: Collection[str] | None = None):
         if keep_at_resume_step is not None and resume_step is None:
             raise ValueError("MetricsLogger: keep_at_resume_step needs a resume_step")
+        check_logging_requirements(report_to, plot=False)
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,19 +140,22 @@ class MetricsLogger:
             ] if self.path.exists() else []
             atomic_write_jsonl(self.path, kept)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + (keep_at_resume_step is None)
-            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
-            if keep_at_resume_step is not None:
-                for row in kept:
-                    if row["step"] == resume_step:
-                        self._add_scalars(row["step"], row["split"], row["metrics"])
+        purge = None if resume_step is None else resume_step + (keep_at_resume_step is None)
+        self._trackers: dict[str, Any] = {}
+        try:
+            for name in report_to:
+                self._trackers[name] = _start_tracker(name, self.run_dir, run_name=run_name or self.run_dir.name,
+                                                      project=project, purge_step=purge, config=config)
+        except BaseException:
+            self.close()
+            raise
+        if keep_at_resume_step is not None:
+            for row in kept:
+                if row["step"] == resume_step:
+                    self._send(row["step"], row["split"], row["metrics"])
 
     def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
-        """Append one row; numbers (Python, NumPy or 0-d tensors) also go to TensorBoard."""
+        """Append one row; its numbers (Python, NumPy or 0-d tensors) also go to the trackers."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"metrics step must be an int >= 0, got {step!r}")
         if not isinstance(split, str) or not split:
@@ -94,22 +174,23 @@ class MetricsLogger:
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        if self._writer is not None:
-            self._add_scalars(step, split, row_metrics)
+        self._send(step, split, row_metrics)
 
-    def _add_scalars(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(metric_tag(split, key), value, global_step=step)
-        self._writer.flush()
+    def _send(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        numbers = {metric_tag(split, key): value for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if not numbers:
+            return
+        for name, tracker in self._trackers.items():
+            tracker.log({tracker_key(name, tag): value for tag, value in numbers.items()}, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self._trackers = getattr(self, "_trackers", {}), {}
+        for tracker in trackers.values():
+            tracker.finish()
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -12,19 +12,21 @@ exact resume, a learning-curve plot and summary.md.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sdft.batches import EncodedExample, batch_indices
-from sdft.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
-                             save_checkpoint)
+from sdft.checkpoint import capture_rng_state, load_latest_intact, restore_rng_state, save_checkpoint
 from sdft.config import Config, config_to_dict, dump_config
 from sdft.evaluation import Benchmark, EvalResult, evaluate_benchmarks
-from sdft.logs import MetricsLogger, ProgressBar, plot_learning_curves, write_summary
+from sdft.logs import (MetricsLogger, ProgressBar, check_logging_requirements, plot_learning_curves,
+                       write_summary)
 from sdft.objectives import build_objective
 from sdft.parallel import Parallel
+from sdft.rundir import RunFolder, claim_run_folder
 from sdft.sampling import SamplingParams
 
 StepFn = Callable[[Any, Sequence[EncodedExample], int], dict]
@@ -90,7 +92,8 @@ def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Pa
                                predictions_dir=run_dir / "predictions" if parallel.is_main else None, tag=tag,
                                max_prompt_tokens=config.data.max_prompt_tokens,
                                chunk_size=config.eval.batch_size * parallel.world_size, progress=progress,
-                               causal_lm=getattr(backend, "module", None))
+                               causal_lm=getattr(backend, "module", None),
+                               chat_template_kwargs=config.data.chat_template_kwargs)
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict:
@@ -113,11 +116,14 @@ def _result_from_state(state: dict) -> dict[str, EvalResult]:
 def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedExample],
                  benchmarks: Sequence[tuple[Benchmark, int | None]], steps: int, step_fn: StepFn,
                  run_dir: str | Path, notes: Sequence[str] = (), parallel: Parallel | None = None,
-                 stop_after: int | None = None) -> RunResult:
+                 stop_after: int | None = None, run_folder: RunFolder | None = None) -> RunResult:
     """Train for `steps` optimizer steps with `step_fn`, evaluating and checkpointing along the way.
 
-    With config.resume and a checkpoint in run_dir, continues after its step with the same weights,
-    optimizer, schedule, RNG streams and batch order; metrics rows past the checkpoint are dropped.
+    `run_folder`: run_dir as claimed by `sdft.rundir.claim_run_folder` (lock held, config checked against the
+    run it continues); None claims run_dir for the duration of this call.
+    With config.resume and a checkpoint in run_dir, continues after the step of the newest intact checkpoint
+    (a damaged newer one is reported and skipped; none intact among several is an error) with the same
+    weights, optimizer, schedule, RNG streams and batch order; metrics rows past the checkpoint are dropped.
     Resuming from the final step's checkpoint runs no step: the final evaluation is done again with the
     current eval settings (its metrics rows, predictions and summary.md replace the earlier ones; the
     checkpoint, the train rows, and the evaluations before and during training are kept).
@@ -125,14 +131,32 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
     time-boxed jobs; `parallel` (`sdft.parallel.Parallel`): only its main process writes anything, and
     evaluations are shared out over its processes.
     """
-    run_dir = Path(run_dir)
     parallel = parallel or Parallel()
     is_main_process = parallel.is_main
+    if run_folder is None:
+        with claim_run_folder(config, run_dir=run_dir, is_main=is_main_process,
+                              world_size=parallel.world_size) as claimed:
+            return run_training(config, backend=backend, tokenizer=tokenizer, train=train, benchmarks=benchmarks,
+                                steps=steps, step_fn=step_fn, run_dir=run_dir, notes=notes, parallel=parallel,
+                                stop_after=stop_after, run_folder=claimed)
+    run_dir = run_folder.path
+    if is_main_process:
+        check_logging_requirements(config.logging.trackers, config.logging.plot)
     show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
-    checkpoint_path = latest_checkpoint(run_dir) if config.resume else None
-    if checkpoint_path is not None:
-        ckpt = load_checkpoint(checkpoint_path)
+    ckpt, damaged = load_latest_intact(run_dir) if config.resume else (None, [])
+    checkpoint_path = None if ckpt is None else ckpt.path
+    new_notes = list(run_folder.notes) + [f"damaged checkpoint skipped: {line}" for line in damaged]
+    if ckpt is not None:
+        new_notes += [f"resumed from {ckpt.path.name}" + (", the newest intact checkpoint" if damaged else "")
+                      + ("" if ckpt.verified else " (saved without checksums by an earlier version: unverified)")]
+    elif run_folder.continues:
+        new_notes.append(f"resume=true but {run_dir / 'checkpoints'} holds no checkpoint: started from step 0")
+    notes = [*notes, *new_notes]
+    if is_main_process:
+        for note in new_notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+    if ckpt is not None:
         backend.load_state_tensors(ckpt.tensors)
         backend.load_optimizer_state(ckpt.objects["optimizer"])
         restore_rng_state(ckpt.rng)
@@ -140,10 +164,12 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         scores_before = _result_from_state(ckpt.state.get("scores_before", {}))
     if is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.record_start(config)
         dump_config(config, run_dir / "config.yaml")
     last = steps if stop_after is None else min(steps, stop_after)
     reevaluate = checkpoint_path is not None and start_step == last == steps  # only the final evaluation again
-    logger = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard,
+    logger = MetricsLogger(run_dir, report_to=config.logging.trackers, run_name=config.run_name,
+                           project=config.logging.project, config=config_to_dict(config),
                            resume_step=start_step if checkpoint_path is not None else None,
                            keep_at_resume_step=("train",) if reevaluate else None) if is_main_process else None
 

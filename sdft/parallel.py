@@ -31,7 +31,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "setup_parallel", "shard_model", "gather_whole", "copy_whole", "UNSUPPORTED_LAUNCHERS"]
+__all__ = ["Parallel", "setup_parallel", "shard_model", "gather_whole", "copy_whole", "load_on_main_only",
+           "UNSUPPORTED_LAUNCHERS"]
 
 UNSUPPORTED_LAUNCHERS = {
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
@@ -76,16 +77,38 @@ class Parallel:
         """The student as this process trains it: itself, wrapped in DDP, or sharded (in place)."""
         if self.mode == "ddp":
             return self.accelerator.prepare_model(model)
-        if self.mode == "fsdp2":
-            return shard_model(model, self.mesh, reshard_after_forward=self.reshard_after_forward,
-                               cpu_offload=self.cpu_offload, mixed_precision=mixed_precision)
-        return model
+        return self.prepare_frozen(model, mixed_precision=mixed_precision)
 
     def prepare_frozen(self, model: nn.Module, *, mixed_precision: bool = False) -> nn.Module:
-        """A second model (a full-fine-tuning teacher): sharded like the student under FSDP2, else as it is."""
-        if self.mode == "fsdp2":
-            return shard_model(model, self.mesh, reshard_after_forward=self.reshard_after_forward,
-                               cpu_offload=self.cpu_offload, mixed_precision=mixed_precision)
+        """A second model (a full-fine-tuning teacher): sharded like the student under FSDP2, else as it is.
+
+        A model on the meta device (RAM-efficient loading: `load_on_main_only`) gets its shards from the main
+        process's copy, sent with `set_model_state_dict(broadcast_from_rank0=True)`; non-persistent buffers
+        (rotary frequencies) are broadcast too."""
+        if self.mode != "fsdp2":
+            return model
+        on_meta = any(p.is_meta for p in model.parameters())
+        streamed = self.any(on_meta)
+        if streamed and self.sum([float(on_meta == self.is_main)])[0]:
+            raise ValueError("RAM-efficient loading needs the weights on the main process and the meta device on the "
+                             "others")
+        whole = model.state_dict() if self.is_main and streamed else {}
+        buffers = _non_persistent_buffers(model)
+        shard_model(model, self.mesh, reshard_after_forward=self.reshard_after_forward, cpu_offload=self.cpu_offload,
+                    mixed_precision=mixed_precision)
+        if streamed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            if on_meta:
+                model.to_empty(device=self.device)
+            set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True,
+                                                                        broadcast_from_rank0=True))
+            for name, buffer in _non_persistent_buffers(model).items():
+                if not self.is_main:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(buffers[name])
+                torch.distributed.broadcast(buffer, src=0)
         return model
 
     def release(self, model: nn.Module) -> None:
@@ -152,6 +175,14 @@ class Parallel:
         if self.mode != "single":
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down while the interpreter is still whole.
+        A gloo group left to interpreter shutdown can abort the process (SIGABRT) when its worker threads
+        release the last tensors of finished collectives after Python is gone."""
+        if self.mode != "single" and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     @property
     def _collective_device(self) -> torch.device:
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -203,7 +234,9 @@ def setup_parallel() -> Parallel:
                     cpu_offload=plugin.cpu_offload is not None and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
                     ram_efficient_loading=bool(plugin.cpu_ram_efficient_loading),
                     notes=[f"FSDP2 over {accelerator.num_processes} processes (each holds 1/"
-                           f"{accelerator.num_processes} of the weights)"])
+                           f"{accelerator.num_processes} of the weights)"
+                           + ("; weights loaded by the main process only and sent as shards"
+                              if plugin.cpu_ram_efficient_loading else "")])
 
 
 def shard_model(model: nn.Module, mesh, *, reshard_after_forward: bool = True, cpu_offload: bool = False,
@@ -249,3 +282,37 @@ def copy_whole(target: torch.Tensor, value: torch.Tensor) -> None:
         value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
                                   target.placements)
     target.copy_(value)
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers not in the state dict (e.g. rotary inverse frequencies), by name."""
+    persistent = set(model.state_dict())
+    return {name: buffer for name, buffer in model.named_buffers() if name not in persistent}
+
+
+def load_on_main_only(settings, parallel: "Parallel", *, dtype: torch.dtype):
+    """(model, tokenizer) for RAM-efficient FSDP2 loading: the main process loads the weights (in `dtype`), the
+    others build the same model on the meta device (no memory) and receive their shards when it is sharded."""
+    from sdft.models import configured_tokenizer, load_configured, resolve_model_path
+
+    if parallel.is_main:
+        return load_configured(settings, dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    source = resolve_model_path(settings.name, cache_dir=settings.cache_dir)
+    hub = {} if os.path.isdir(source) else {"revision": settings.revision,
+                                            "trust_remote_code": settings.trust_remote_code}
+    config = AutoConfig.from_pretrained(source, **hub)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **({"trust_remote_code": True}
+                                                                         if settings.trust_remote_code else {}))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source, **hub)
+    except OSError:
+        pass  # no generation_config.json: the one built from the config, as on the main process
+    tokenizer = configured_tokenizer(settings)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -128,13 +128,15 @@ def teacher_messages(example: Any, template: str = "official", keep_system: bool
     return messages
 
 
-def render_prompt_text(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
-    """The chat-templated prompt text, ending with the assistant generation prompt."""
+def render_prompt_text(tokenizer, messages: Sequence[Mapping[str, str]],
+                       chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The chat-templated prompt text, ending with the assistant generation prompt; `chat_template_kwargs`
+    are extra template variables (e.g. {"enable_thinking": False} for Qwen3 templates)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
                          "has no chat template; prompts need one (use an instruct/chat model)")
     return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **dict(chat_template_kwargs or {}))
 
 
 def _check_budget(max_prompt_tokens: int | None) -> None:
@@ -143,16 +145,19 @@ def _check_budget(max_prompt_tokens: int | None) -> None:
         raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
 
 
-def _full_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    return list(tokenizer(render_prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
+def _full_ids(tokenizer, messages: Sequence[Mapping[str, str]],
+              chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    text = render_prompt_text(tokenizer, messages, chat_template_kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def render_prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]],
-                      max_prompt_tokens: int | None = None) -> list[int]:
+                      max_prompt_tokens: int | None = None,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """The chat-templated prompt as token ids; if longer than max_prompt_tokens, its LAST
     max_prompt_tokens tokens are kept (left truncation, as in the official code)."""
     _check_budget(max_prompt_tokens)
-    ids = _full_ids(tokenizer, messages)
+    ids = _full_ids(tokenizer, messages, chat_template_kwargs)
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         ids = ids[-max_prompt_tokens:]
     return ids
@@ -168,16 +173,18 @@ class RenderedPrompt:
     demonstration_cut: bool = False
 
 
-def render_student_prompt(tokenizer, example: Any, max_prompt_tokens: int | None = None) -> RenderedPrompt:
+def render_student_prompt(tokenizer, example: Any, max_prompt_tokens: int | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None) -> RenderedPrompt:
     """The student prompt, left-truncated to max_prompt_tokens (official)."""
     _check_budget(max_prompt_tokens)
-    full = _full_ids(tokenizer, student_messages(example))
+    full = _full_ids(tokenizer, student_messages(example), chat_template_kwargs)
     kept = full if max_prompt_tokens is None else full[-max_prompt_tokens:]
     return RenderedPrompt(tuple(kept), cut_tokens=len(full) - len(kept))
 
 
 def render_teacher_prompt(tokenizer, example: Any, template: str = "official",
-                          max_prompt_tokens: int | None = None, keep_system: bool = True) -> RenderedPrompt:
+                          max_prompt_tokens: int | None = None, keep_system: bool = True,
+                          chat_template_kwargs: Mapping[str, Any] | None = None) -> RenderedPrompt:
     """The teacher prompt within max_prompt_tokens, cut from the demonstration's side (module docstring).
 
     With D the demonstration's token ids, the kept demonstration is decode(D[:k]) + DEMONSTRATION_CUT_MARK
@@ -187,14 +194,15 @@ def render_teacher_prompt(tokenizer, example: Any, template: str = "official",
     demonstration keeps its last max_prompt_tokens tokens.
     """
     _check_budget(max_prompt_tokens)
-    full = _full_ids(tokenizer, teacher_messages(example, template, keep_system))
+    full = _full_ids(tokenizer, teacher_messages(example, template, keep_system), chat_template_kwargs)
     if max_prompt_tokens is None or len(full) <= max_prompt_tokens:
         return RenderedPrompt(tuple(full))
     demo_ids = list(tokenizer(_demonstration(example), add_special_tokens=False)["input_ids"])
 
     def render(k: int) -> list[int]:
         shown = tokenizer.decode(demo_ids[:k], clean_up_tokenization_spaces=False) + DEMONSTRATION_CUT_MARK
-        return _full_ids(tokenizer, teacher_messages(example, template, keep_system, demonstration=shown))
+        return _full_ids(tokenizer, teacher_messages(example, template, keep_system, demonstration=shown),
+                         chat_template_kwargs)
 
     floor = min(len(demo_ids), int(DEMONSTRATION_FLOOR * max_prompt_tokens))
     if floor == len(demo_ids):  # the demonstration is short: only the question can give way

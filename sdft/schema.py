@@ -38,8 +38,8 @@ def setting(default: Any, *, ge: float | None = None, gt: float | None = None, l
             if value is not None}
     if doc:
         meta["doc"] = doc
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -90,7 +90,8 @@ def override_tree(section: Any, overrides: Sequence[str], *, moved: Mapping[str,
 
 
 def schema_rows(root: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type and allowed values, default, description) for every setting under `root`."""
+    """(dotted key, type and allowed values, default, description) for every setting under `root`; the
+    fields of a list of sections are listed under `<key>[i].` after the list itself."""
     rows = []
     hints = typing.get_type_hints(root)
     defaults = root()
@@ -100,15 +101,18 @@ def schema_rows(root: type, prefix: str = "") -> list[tuple[str, str, str, str]]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(schema_rows(tp, key + "."))
             continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         meta = f.metadata
         bounds = [f"{op} {meta[name]}" for name, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                   if name in meta]
         kind = describe_type(hints[f.name]) + (f" ({', '.join(bounds)})" if bounds else "")
         value = getattr(defaults, f.name)
-        default = "[]" if value == [] else ("null" if value is None else
+        default = "[]" if value == [] else "{}" if value == {} else ("null" if value is None else
                                             yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
                                             .removesuffix("...").strip())
         rows.append((key, kind, default, meta.get("doc", "")))
+        if _is_section(item):
+            rows.extend(schema_rows(item, key + "[i]."))
     return rows
 
 
@@ -191,6 +195,8 @@ def describe_type(tp: Any) -> str:
         return " or ".join(describe_type(arg) for arg in inner) + " or null"
     if origin is list:
         return f"a list of {describe_type(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of names to values"
     if _is_section(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return getattr(tp, "__name__", str(tp))

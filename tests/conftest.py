@@ -1,3 +1,9 @@
+import os
+
+# Tests never touch the network: Hugging Face libraries read these when they are imported (subprocesses inherit them).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 

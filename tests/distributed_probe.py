@@ -30,8 +30,7 @@ def state_bytes(backend) -> dict:
             "optimizer": local_bytes(optimizer)}
 
 
-def main(mode: str, teacher_mode: str) -> None:
-    parallel = setup_parallel()
+def main(mode: str, teacher_mode: str, parallel) -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     backend = LocalBackend(model, tokenizer, student=StudentConfig(mode=mode, lora_rank=4),
@@ -51,5 +50,6 @@ def main(mode: str, teacher_mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    torch.distributed.destroy_process_group()
+    parallel = setup_parallel()
+    main(sys.argv[1], sys.argv[2], parallel)
+    parallel.close()

@@ -279,8 +279,9 @@ def test_train_step_gradient_matches_materialized_reference(tiny_tokenizer, stud
     assert metrics["lr"] == pytest.approx(1e-2)
     if is_clip is None:
         assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # sampler == trainer numerics
-    else:
-        assert metrics["is_weight_mean"] == pytest.approx(is_clip)
+    else:  # every ratio is about 1, clipped to is_clip; a rollout without counted tokens has weight 1
+        weights = [is_clip if len(r.completion_ids) > spec.settings.skip_first_n_tokens else 1.0 for r in rollouts]
+        assert metrics["is_weight_mean"] == pytest.approx(sum(weights) / len(weights))
     for key in ("kl", "teacher_entropy", "student_entropy", "completion_len", "tokens_per_s", "step_time_s",
                 "grad_norm"):
         assert torch.isfinite(torch.tensor(metrics[key])), key

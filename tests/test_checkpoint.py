@@ -201,3 +201,216 @@ def test_cuda_tensors_and_rng(tmp_path):
     first = torch.rand(3, device="cuda")
     restore_rng_state(state)
     assert torch.equal(torch.rand(3, device="cuda"), first)
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest, damaged files, full disk, permissions
+
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+
+from sdft.checkpoint import CheckpointError, CheckpointWriteError, load_latest_intact  # noqa: E402
+from sdft.io import atomic_write_text  # noqa: E402
+
+
+def _save_big(run_dir, step, value=1.0, keep_last=3):
+    """A checkpoint whose student.safetensors is about 1 MB (room for a 64 KB hole) plus an optimizer state."""
+    model, optimizer, _ = model_and_optimizer()
+    tensors = {"student": {"w": torch.full((512, 512), value), "b": torch.arange(8.0)}}
+    return save_checkpoint(run_dir, step, tensors=tensors, objects={"optimizer": optimizer.state_dict()},
+                           state={"step": step}, keep_last=keep_last)
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+def _overwrite_middle(file: Path, byte: int, length: int = 65536) -> None:
+    data = bytearray(file.read_bytes())
+    start = len(data) // 2 - length // 2
+    data[start:start + length] = bytes([byte]) * length
+    file.write_bytes(bytes(data))
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a checkpoint's state.json as an earlier version wrote it (no manifest)."""
+    meta = json.loads((path / "state.json").read_text())
+    meta["format"] = 1
+    del meta["files"]
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+def test_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+    path = _save_big(tmp_path, 1)
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["format"] == 2
+    assert sorted(meta["files"]) == ["optimizer.pt", "student.safetensors"]
+    for name, entry in meta["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert (path / "student.safetensors").stat().st_size > 1_000_000
+    loaded = load_checkpoint(path)
+    assert loaded.verified and torch.equal(loaded.tensors["student"]["w"], torch.full((512, 512), 1.0))
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (_truncate, "student.safetensors", r"student.safetensors: truncated: \d+ bytes, expected \d+"),
+    (_truncate, "optimizer.pt", r"optimizer.pt: truncated: \d+ bytes, expected \d+"),
+    (lambda f: _overwrite_middle(f, 0), "student.safetensors", r"student.safetensors: checksum mismatch"),
+    (lambda f: _overwrite_middle(f, 0xFF), "student.safetensors", r"student.safetensors: checksum mismatch"),
+    (lambda f: _overwrite_middle(f, 0, 1000), "optimizer.pt", r"optimizer.pt: checksum mismatch"),
+    (lambda f: f.write_bytes(f.read_bytes() + b"x"), "optimizer.pt", r"optimizer.pt: \d+ bytes, expected \d+"),
+    (Path.unlink, "student.safetensors", r"student.safetensors: missing \(state.json lists it\)"),
+    (_truncate, "state.json", r"state.json:\d+: corrupt checkpoint state \(truncated or damaged\)"),
+    (Path.unlink, "state.json", r"is not a checkpoint folder \(no readable state.json\)"),
+])
+def test_a_damaged_file_is_named_with_what_is_wrong(tmp_path, damage, file, message):
+    path = _save_big(tmp_path, 1)
+    damage(path / file)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_checkpoint(path)
+    assert str(path) in str(caught.value)
+
+
+def test_format_1_checkpoints_load_unverified_and_parse_errors_are_named(tmp_path):
+    path = _save_big(tmp_path, 1)
+    _as_format_1(path)
+    loaded = load_checkpoint(path)
+    assert not loaded.verified and loaded.step == 1
+    assert torch.equal(loaded.tensors["student"]["w"], torch.full((512, 512), 1.0))
+    assert "exp_avg" in loaded.objects["optimizer"]["state"][0]
+    # without checksums, damage is still caught where parsing or the values show it, never as a raw traceback
+    _overwrite_middle(path / "student.safetensors", 0xFF)  # NaN bytes inside the float32 data
+    with pytest.raises(CheckpointError, match=r"student.safetensors: tensor 'w' holds NaN values"):
+        load_checkpoint(path)
+    _truncate(path / "student.safetensors")
+    with pytest.raises(CheckpointError, match=r"student.safetensors: unreadable safetensors file \(SafetensorError"):
+        load_checkpoint(path)
+    _truncate(path / "optimizer.pt")
+    meta = json.loads((path / "state.json").read_text())
+    meta["tensors"] = []  # leave only the optimizer state, then damage it
+    (path / "state.json").write_text(json.dumps(meta))
+    _truncate(path / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: unreadable torch file \("):
+        load_checkpoint(path)
+
+
+def test_objects_false_neither_checks_nor_loads_the_pt_files(tmp_path):
+    path = _save_big(tmp_path, 1)
+    _truncate(path / "optimizer.pt")
+    loaded = load_checkpoint(path, objects=False)
+    assert loaded.objects == {} and "student" in loaded.tensors
+
+
+def test_newest_intact_checkpoint_is_found_and_the_damaged_ones_are_named(tmp_path):
+    assert load_latest_intact(tmp_path) == (None, [])
+    for step in (1, 2, 3):
+        _save_big(tmp_path, step, value=float(step))
+    root = tmp_path / "checkpoints"
+    _overwrite_middle(root / "step_00000003" / "student.safetensors", 0)
+    (root / "step_00000004").mkdir()  # a folder without state.json: damaged, not a checkpoint in progress
+    loaded, damaged = load_latest_intact(tmp_path)
+    assert loaded.step == 2 and loaded.tensors["student"]["w"][0, 0].item() == 2.0
+    assert len(damaged) == 2
+    assert damaged[0].startswith(f"{root / 'step_00000003' / 'student.safetensors'}: checksum mismatch")
+    assert damaged[1] == f"{root / 'step_00000004'} is not a checkpoint folder (no readable state.json)"
+    _truncate(root / "step_00000002" / "optimizer.pt")
+    (root / "step_00000001" / "state.json").write_text('{"format": 2, "step": ')
+    with pytest.raises(CheckpointError) as caught:
+        load_latest_intact(tmp_path)
+    text = str(caught.value)
+    assert text.startswith(f"{root} holds no intact checkpoint: ")
+    for needle in ("step_00000004 is not a checkpoint folder", "step_00000003/student.safetensors: checksum mismatch",
+                   "step_00000002/optimizer.pt: truncated", "step_00000001/state.json:1: corrupt checkpoint state"):
+        assert needle in text, needle
+
+
+def test_latest_pointer_is_tried_first(tmp_path):
+    for step in (1, 2):
+        _save_big(tmp_path, step, value=float(step))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000001\n")
+    assert load_latest_intact(tmp_path)[0].step == 1
+
+
+def _failing_writer(real, fail_name):
+    """A safetensors writer that writes half of `fail_name` and then finds the disk full."""
+    def save_file(tensors, filename, *args, **kwargs):
+        if Path(filename).name != fail_name:
+            return real(tensors, filename, *args, **kwargs)
+        real(tensors, filename, *args, **kwargs)
+        _truncate(Path(filename))
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    return save_file
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import sdft.checkpoint as checkpoint
+
+    first = _save_big(tmp_path, 1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    monkeypatch.setattr(checkpoint, "save_file", _failing_writer(checkpoint.save_file, "student.safetensors"))
+    with pytest.raises(CheckpointWriteError) as caught:
+        _save_big(tmp_path, 2, keep_last=1)
+    error = caught.value
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert str(error).startswith(f"could not save checkpoint step 2 to {tmp_path / 'checkpoints' / 'step_00000002'}: "
+                                 "No space left on device (")
+    assert f"The previous checkpoint {first} is intact and checkpoints/latest still points to it" in str(error)
+    assert ("free disk space (or set output_dir to a disk with room), then continue the run with resume=true"
+            in str(error))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001\n"
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert load_checkpoint(first).step == 1
+
+
+def test_a_failed_latest_pointer_write_is_explained(tmp_path, monkeypatch):
+    import sdft.checkpoint as checkpoint
+
+    _save_big(tmp_path, 1)
+
+    def write(path, text):
+        if Path(path).name == "latest":
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path))
+        atomic_write_text(path, text)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", write)
+    with pytest.raises(CheckpointWriteError, match=r"Disk quota exceeded .*The new checkpoint step_00000002 is "
+                                                   r"complete, but checkpoints/latest still names step_00000001, "
+                                                   r"which is intact\. To go on: free disk space"):
+        _save_big(tmp_path, 2, keep_last=1)
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]  # nothing pruned
+
+
+def test_a_failed_resave_of_the_same_step_keeps_the_earlier_copy(tmp_path, monkeypatch):
+    import sdft.checkpoint as checkpoint
+
+    _save_big(tmp_path, 1)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(CheckpointWriteError, match="Input/output error .*To go on: fix the cause"):
+        _save_big(tmp_path, 1, value=5.0)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "latest", "step_00000001"]
+    assert load_checkpoint(latest_checkpoint(tmp_path)).tensors["student"]["w"][0, 0].item() == 1.0
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        path = _save_big(tmp_path / "run", 1)
+        atomic_write_text(tmp_path / "run" / "note.txt", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "run" / "checkpoints").stat().st_mode & 0o777 == dir_mode
+    for file in [*path.iterdir(), tmp_path / "run" / "checkpoints" / "latest", tmp_path / "run" / "note.txt"]:
+        assert file.stat().st_mode & 0o777 == file_mode, file

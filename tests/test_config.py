@@ -307,7 +307,8 @@ def test_malformed_overrides(override, expected):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ValueError, match=r"cannot read config file .*missing.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"config '.*missing.yaml' is neither a file nor a shipped config; "
+                                                r"shipped configs: .*quickstart"):
         load_config(tmp_path / "missing.yaml")
     path = write(tmp_path, "seed: 1\nloss:\n  kind: [reverse\n", "broken.yaml")
     with pytest.raises(ValueError, match=rf"{path}:\d+: invalid YAML"):

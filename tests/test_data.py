@@ -358,7 +358,8 @@ def test_api_split_needs_grouped_ids():
 def test_load_examples_dispatch_and_errors(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [json.dumps({"inputs": {"question": "q"}, "expected": "a"})])
     assert load_examples("jsonl", path, system_prompt="S")[0].messages[0]["content"] == "S"
-    with pytest.raises(ValueError, match=r"'csv'.*\['hf', 'jsonl', 'science', 'tooluse'\]"):
+    with pytest.raises(ValueError, match=r"'csv'.*\['hf', 'jsonl', 'messages', 'privileged_context', "
+                                         r"'prompt_completion', 'science', 'tooluse'\]"):
         load_examples("csv", path)
     with pytest.raises(ValueError, match="unknown option.*'thinking_format'"):
         load_examples("jsonl", path, thinking_format=True)

@@ -87,3 +87,31 @@ def test_evaluate_script(tmp_path, tiny_model_dir):
     usage = subprocess.run(script + ["--config", "x.yaml", "--checkpoint", "step_1"], capture_output=True,
                            text=True, cwd=REPO, timeout=300)
     assert usage.returncode == 2 and "--checkpoint needs --run" in usage.stderr
+
+
+def test_damaged_checkpoints_are_named_and_the_newest_intact_one_is_evaluated(tmp_path, tiny_model_dir):
+    """Reproduction: `evaluate.py --run` on a truncated checkpoint gave a raw SafetensorError traceback."""
+    from sdft.checkpoint import CheckpointError
+
+    config = _config(tmp_path, tiny_model_dir, "checkpoint.every=1", "checkpoint.keep_last=2")
+    run = train_from_config(config).run_dir
+    damaged = run / "checkpoints" / "step_00000002" / "student.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    student = load_run_student(run)
+    assert student.checkpoint.name == "step_00000001"
+    size = json.loads((damaged.parent / "state.json").read_text())["files"][damaged.name]["bytes"]
+    assert student.notes == (f"damaged checkpoint skipped: {damaged}: truncated: 100 bytes, expected {size}",
+                             "evaluated step_00000001, the newest intact checkpoint")
+    with pytest.raises(CheckpointError, match=rf"^{damaged}: truncated: 100 bytes"):
+        load_run_student(run, checkpoint="step_00000002")
+    script = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--run", str(run)]
+    chosen = subprocess.run(script + ["--checkpoint", "step_00000002"], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    assert chosen.returncode == 2 and chosen.stderr.startswith(f"error: {damaged}: truncated: 100 bytes")
+    newest = subprocess.run(script, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert newest.returncode == 0, newest.stderr[-2000:]
+    assert f"note: damaged checkpoint skipped: {damaged}: truncated" in newest.stderr
+    assert "note: evaluated step_00000001, the newest intact checkpoint" in newest.stderr
+    assert f"evaluated {run} at step_00000001" in newest.stdout
+    report = json.loads((run / "eval" / "step_00000001" / "results.json").read_text())
+    assert report["checkpoint"] == "step_00000001" and len(report["notes"]) == 2

@@ -19,7 +19,7 @@ def tensorboard_scalars(folder):
 
 
 def test_rows_are_appended_and_read_back(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, report_to=()) as logger:
         logger.log(1, "train", {"train/loss": torch.tensor(0.5), "tokens": np.int64(12)})
         logger.log(1, "val", {"val/capitals/pass@1": 0.25, "val/capitals/pass@1_ci": (0.1, 0.4)})
         # each row is on disk before the next call, not only at close
@@ -69,9 +69,9 @@ def test_resume_at_the_final_step_replaces_its_evaluation_rows_only(tmp_path):
 
 
 def test_a_fresh_logger_starts_a_new_file(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, report_to=()) as logger:
         logger.log(1, "train", {"loss": 1.0})
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, report_to=()) as logger:
         logger.log(1, "train", {"loss": 2.0})
     assert [row["metrics"]["loss"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [2.0]
 
@@ -88,7 +88,7 @@ def test_read_metrics_tolerates_a_cut_last_line_and_rejects_bad_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "split": "train", "metrics": {"loss": 1.0}}\n{"step": 2, "spl')
     assert [row["step"] for row in read_metrics(path)] == [1]
-    with MetricsLogger(tmp_path, tensorboard=False, resume_step=5) as logger:
+    with MetricsLogger(tmp_path, report_to=(), resume_step=5) as logger:
         logger.log(2, "train", {"loss": 2.0})
     assert [row["step"] for row in read_metrics(path)] == [1, 2]
     path.write_text('{"step": 1, "split": "train", "metrics": {}}\nnot json\n'
@@ -101,7 +101,7 @@ def test_read_metrics_tolerates_a_cut_last_line_and_rejects_bad_rows(tmp_path):
 
 
 def test_log_rejects_bad_input(tmp_path):
-    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger = MetricsLogger(tmp_path, report_to=())
     with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
         logger.log(-1, "train", {})
     with pytest.raises(ValueError, match="split must be a non-empty string"):
@@ -115,7 +115,7 @@ def test_log_rejects_bad_input(tmp_path):
 
 
 def test_plot_learning_curves_writes_a_png(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, report_to=()) as logger:
         for step in range(1, 11):
             logger.log(step, "train", {"train/loss": 1 / step, "train/kl": 0.5 / step,
                                        "train/student_entropy": 2.0, "train/teacher_entropy": 1.5,

@@ -162,3 +162,15 @@ def test_resume_after_sigkill_reproduces_uninterrupted_metrics(tmp_path, tiny_mo
     for a, b in zip(got, expected):
         for key, value in b.items():
             assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_run_training_claims_its_run_folder_when_not_given_one(tmp_path):
+    """Called directly (not through train_from_config), the loop still takes the folder's lock first."""
+    from sdft.loop import run_training
+    from sdft.rundir import RunFolderError, claim_run_folder
+
+    config = load_config(None, [f"output_dir={tmp_path}", "run_name=r", "data.path=x"])
+    with claim_run_folder(config):
+        with pytest.raises(RunFolderError, match=rf"{tmp_path / 'r'} is in use by another run \(pid {os.getpid()}"):
+            run_training(config, backend=None, tokenizer=None, train=[], benchmarks=[], steps=1, step_fn=None,
+                         run_dir=tmp_path / "r")

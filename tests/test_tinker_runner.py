@@ -133,5 +133,5 @@ def test_train_script_runs_the_tinker_config_offline_and_names_a_missing_key(tmp
     validate = subprocess.run(script + tiny + ["--validate"], capture_output=True, text=True, env=env)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "backend tinker" in validate.stdout and "TINKER_API_KEY NOT set" in validate.stdout
-    remote = subprocess.run(script + tiny, capture_output=True, text=True, env=env)
+    remote = subprocess.run(script + tiny + ["run_name=remote"], capture_output=True, text=True, env=env)
     assert remote.returncode == 2 and "TINKER_API_KEY is not set" in remote.stderr

@@ -62,6 +62,9 @@ def check_backend_config(config: "Config") -> None:
     if lm_eval and not limits.local_weights:
         fail(f"eval.benchmarks {lm_eval} of kind lm_eval: the harness scores a model held in this process; "
              "remove them, or evaluate with backend.kind=local")
+    if kind != "local" and config.generation.engine != "native":
+        fail(f"generation.engine={config.generation.engine}: only the local backend decodes with it; allowed: "
+             "generation.engine=native")
     if config.student.mode not in limits.student_modes:
         fail(f"student.mode={config.student.mode}: {limits.why}; allowed: student.mode="
              + " or ".join(limits.student_modes))
@@ -96,7 +99,7 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
     tinker: `service_client` (None: the offline stand-in serving model.name when
     backend.tinker_service=offline, with its checkpoints under run_dir/tinker_offline; else the Tinker API,
     which needs TINKER_API_KEY)."""
-    from sdft.models import configured_tokenizer, load_configured
+    from sdft.models import configured_tokenizer, load_configured, resolve_model_path
     from sdft.parallel import Parallel
 
     parallel = parallel or Parallel()
@@ -104,15 +107,28 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
     if LIMITS[kind].single_process and parallel.world_size > 1:
         raise ValueError(f"backend.kind={kind} runs in one process ({kind} batches the work itself); got "
                          f"{parallel.world_size} processes: launch scripts/train.py without accelerate")
+    lm_eval = [b.name for b in config.eval.benchmarks if b.kind == "lm_eval"]
+    if lm_eval and parallel.world_size > 1:
+        raise ValueError(f"eval.benchmarks {lm_eval} of kind lm_eval run the harness on a whole model in one "
+                         f"process; got {parallel.world_size} processes: evaluate the run afterwards with "
+                         "`sdft evaluate --run RUN` in one process, or remove them")
     if kind == "local":
         from sdft.backends.local import LocalBackend
 
-        if model is None:
+        if model is None and parallel.ram_efficient_loading:
+            from sdft.parallel import load_on_main_only
+
+            model, tokenizer = load_on_main_only(config.model, parallel, dtype=LocalBackend.weights_dtype(config, parallel))
+        elif model is None:
             model, tokenizer = load_configured(config.model, dtype=LocalBackend.weights_dtype(config, parallel))
+        model_path = None
+        if config.generation.engine == "vllm":  # the engine starts from the student's folder
+            model_path = resolve_model_path(config.model.name, cache_dir=config.model.cache_dir)
         return LocalBackend(model, tokenizer, student=config.student, teacher=config.teacher, optim=config.optim,
                             generation=config.generation, model_settings=config.model, steps=steps,
                             device=device if device is not None else parallel.device, seed=config.seed,
-                            sampler_seed=config.seed + 1000003 * parallel.rank, parallel=parallel)
+                            sampler_seed=config.seed + 1000003 * parallel.rank, parallel=parallel,
+                            model_path=model_path)
     from sdft.backends.tinker import TinkerBackend, require_api_key
 
     if service_client is None and config.backend.tinker_service == "offline":

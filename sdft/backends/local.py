@@ -1,7 +1,7 @@
 """The local backend: a Hugging Face causal LM (LoRA via peft, or full fine-tuning) on this machine.
 
 Mechanisms only: the student model and its optimizer (`sdft.optim`), the teacher's weights
-(`sdft.teacher`: static, EMA or sync), decoding (`sdft.sampling.NativeSampler`) and the final-norm hidden
+(`sdft.teacher`: static, EMA or sync), decoding (`sdft.sampling`: native or vLLM) and the final-norm hidden
 states at completion positions (`sdft.lm`). What the loss is, and what it needs from the teacher, is the
 objective's (`sdft.objectives`). No [tokens, vocab] logits are materialized outside decoding: the
 teacher's outputs and the student's loss go through the fused functions of `sdft.losses` on the gathered
@@ -25,7 +25,8 @@ from sdft.losses import fused_linear_token_logprobs, fused_linear_topk
 from sdft.objectives import (FullVocabTargets, Objective, SampledTargets, StepSums, StudentTokens, Targets,
                              TeacherRequest, TopKTargets)
 from sdft.optim import LOW_PRECISION, MasterWeights, build_optimizer, build_schedule
-from sdft.sampling import NativeSampler, Rollout, SamplingParams
+from sdft.sampling import Rollout, SamplingParams, build_sampler
+from sdft.sampling.base import padding_token_id
 from sdft.checkpoint import check_state_tensors
 from sdft.teacher import build_teacher
 
@@ -40,15 +41,19 @@ class LocalBackend:
     to the base model; A drawn from `seed`), and prepared for `parallel` (`sdft.parallel`: as it is, a DDP
     replica, or FSDP2 shards; a full-fine-tuning teacher copy is sharded the same way). Under full fine-tuning
     of bf16 weights with optim.master_weights, AdamW updates fp32 master copies (`sdft.optim.MasterWeights`;
-    under FSDP2 the shards themselves are fp32 and computed in bf16). `sampler_seed` seeds the sampler's own
-    generator (prompts without seeds); `forward_batch_size` bounds the sequences per teacher forward.
+    under FSDP2 the shards themselves are fp32 and computed in bf16). `forward_batch_size` bounds the sequences
+    per teacher forward. Decoding goes through the sampler of generation.engine (`sdft.sampling.build_sampler`;
+    vllm needs `model_path`, the folder the model was loaded from; `sampler_seed` seeds the sampler's own
+    generator for prompts without seeds), told after every optimizer step and loaded checkpoint that the
+    weights changed.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, student: StudentConfig = StudentConfig(),
                  teacher: TeacherConfig = TeacherConfig(mode="static"), optim: OptimConfig = OptimConfig(),
                  generation: GenerationConfig = GenerationConfig(), model_settings: ModelConfig = ModelConfig(),
                  steps: int = 1, device: str | torch.device | None = None, seed: int = 0,
-                 sampler_seed: int | None = None, parallel: Parallel = Parallel(), forward_batch_size: int = 8):
+                 sampler_seed: int | None = None, parallel: Parallel = Parallel(), forward_batch_size: int = 8,
+                 model_path: str | None = None):
         check_plain_output_head(model)
         self.tokenizer = tokenizer
         self.notes: list[str] = list(parallel.notes)
@@ -58,10 +63,11 @@ class LocalBackend:
         self.forward_batch_size = forward_batch_size
         weights_dtype = self.weights_dtype_of(model_settings, optim, parallel)
         sharded_masters = weights_dtype != DTYPES[model_settings.dtype]  # bf16 compute over fp32 shards
-        model.to(dtype=weights_dtype)
-        if device is not None:
-            model.to(device)
-        self.device = next(model.parameters()).device
+        if not any(p.is_meta for p in model.parameters()):  # (meta: filled from the main process when sharded)
+            model.to(dtype=weights_dtype)
+            if device is not None:
+                model.to(device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if student.mode == "lora":
             model = wrap_lora(model, rank=student.lora_rank, alpha=student.lora_alpha, dropout=student.lora_dropout,
                               target_modules=list(student.lora_target_modules), seed=seed)
@@ -83,10 +89,10 @@ class LocalBackend:
                                          beta2=optim.beta2, eps=optim.eps)
         self.scheduler = build_schedule(self.optimizer, schedule=optim.schedule, total_steps=steps,
                                         warmup_ratio=optim.warmup_ratio)
-        self.sampler = NativeSampler(self.module, tokenizer, batch_size=generation.batch_size,
-                                     seed=seed if sampler_seed is None else sampler_seed,
-                                     sync_stop=parallel.any if parallel.sharded else None)
-        self.pad_token_id = self.sampler.pad_id
+        self.sampler = build_sampler(generation, self.module, tokenizer,
+                                     seed=seed if sampler_seed is None else sampler_seed, model_path=model_path,
+                                     dtype=model_settings.dtype, sync_stop=parallel.any if parallel.sharded else None)
+        self.pad_token_id = padding_token_id(tokenizer, self.sampler.stop_ids)
 
     # ----------------------------------------------------------------------------------------- model
     @staticmethod
@@ -117,7 +123,7 @@ class LocalBackend:
     # -------------------------------------------------------------------------------------- decoding
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:
-        """One completion per prompt from the student (adapter enabled), see `NativeSampler.sample`."""
+        """One completion per prompt from the student (adapter enabled), see `Sampler.sample`."""
         return self.sampler.sample(prompt_ids, params, seeds=seeds)
 
     def generate_greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -270,6 +276,7 @@ class LocalBackend:
         if self.masters is not None:
             self.masters.masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
+        self.sampler.weights_changed()
         return grad_norm, lr
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -298,6 +305,7 @@ class LocalBackend:
                     copy_whole(p, student[name])
         self.teacher.load_state_tensors(state["teacher"])
         self.sampler.generator.set_state(state["rng"]["sampler"].cpu())
+        self.sampler.weights_changed()
 
     def optimizer_state(self) -> dict:
         """{"optimizer": AdamW state_dict, "schedule": LambdaLR state_dict} (live tensors, not copies; under

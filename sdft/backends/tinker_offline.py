@@ -24,12 +24,15 @@ Implemented, with the semantics Tinker documents:
             the log-probs. Gradients add up over calls until optim_step(AdamParams), which is torch AdamW
             (learning_rate, beta1, beta2, eps, weight_decay; grad_clip_norm > 0 clips the global norm).
             save_state / load_state[_with_optimizer], save_weights_for_sampler, create_sampling_client,
-            save_weights_and_get_sampling_client, get_info, get_tokenizer.
+            save_weights_and_get_sampling_client, save_weights_external (a PEFT adapter folder:
+            adapter_config.json + adapter_model.safetensors), get_info, get_tokenizer.
   sampling  sample(prompt, num_samples, SamplingParams(max_tokens, temperature, top_p, top_k in {-1, 1},
             seed, stop as token ids), include_prompt_logprobs, topk_prompt_logprobs, prompt_logprobs_last_n),
             compute_logprobs. topk_prompt_logprobs[p] is the top-K of the distribution that predicts prompt
             token p (entry 0, and entries before the last n, are None); fewer than K entries exist only
             when the vocabulary is smaller than K.
+  rest      get_server_capabilities, get_external_weights_urls (file:// URLs of an external-weights
+            folder), delete_checkpoint_from_tinker_path.
 
 Where it differs from the real service:
 - Requests run eagerly, one at a time, when submitted: the futures it returns are already done.
@@ -37,9 +40,9 @@ Where it differs from the real service:
   adapter's layers are the model's attention (train_attn), MLP (train_mlp) and output (train_unembed)
   linear layers; the LoRA init is peft's, drawn from the CPU RNG seeded with `seed`, exactly as
   `LocalBackend` draws it, so both start from the same adapter.
-- `SamplingParams.seed` seeds a torch.Generator per request and completions are decoded by
-  `sdft.sampling.native.decode_batch`, so a prompt sampled with seed s gives the same completion here as
-  `LocalBackend.sample(..., seeds=[s])` decoding it alone (generation_batch_size=1).
+- `SamplingParams.seed` is the stream seed of the request's first sample (the others' are drawn from a
+  generator seeded with it) and completions are decoded by `sdft.sampling.native.decode_batch`, so a
+  prompt sampled with seed s gives the same completion here as `LocalBackend.sample(..., seeds=[s])`.
 - Saved weights are kept in memory (the last few by path; a sampling client keeps its own snapshot) and,
   when `root` is given, save_state writes its adapter + optimizer state to root/<run id>/weights/<name>/
   together with the snapshots live sampling clients use (root/<run id>/sampler_weights/<name>/, e.g. a
@@ -65,7 +68,8 @@ from torch import nn
 
 from sdft.lm import check_plain_output_head, hidden_states
 from sdft.sampling.base import padding_token_id, stop_token_ids
-from sdft.sampling.native import decode_batch, draw_token
+from sdft.sampling.draw import counter_uniforms, draw_seeds, draw_tokens, greedy_tokens
+from sdft.sampling.native import decode_batch
 from sdft.checkpoint import check_state_tensors
 
 try:  # the SDK is an optional dependency: `pip install sdft[tinker]`
@@ -79,7 +83,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 __all__ = ["OfflineServiceClient", "OfflineTrainingClient", "OfflineSamplingClient"]
 
 _LOSS_FNS = ("cross_entropy", "importance_sampling")
-_PATH_KINDS = ("weights", "sampler_weights")
+_PATH_KINDS = ("weights", "sampler_weights", "external_weights")
+_ADAPTER_CONFIG, _ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
 _KEPT_IN_MEMORY = 4  # payloads kept by path; live sampling clients hold their own
 
 
@@ -237,8 +242,8 @@ class _Engine:
     def _folder(self, path: str) -> Path | None:
         parts = path[len("tinker://"):].split("/") if isinstance(path, str) and path.startswith("tinker://") else []
         if len(parts) != 3 or parts[1] not in _PATH_KINDS:
-            raise ValueError(f"{path!r} is not a checkpoint path of the form tinker://<run id>/weights/<name> "
-                             "or tinker://<run id>/sampler_weights/<name>")
+            raise ValueError(f"{path!r} is not a checkpoint path of the form tinker://<run id>/<kind>/<name> with "
+                             f"<kind> one of {', '.join(_PATH_KINDS)}")
         return self.root / parts[0] / parts[1] / parts[2] if self.root is not None else None
 
     def _write(self, path: str, payload: dict) -> None:
@@ -268,6 +273,43 @@ class _Engine:
         payload["optimizer"] = torch.load(optimizer, map_location="cpu", weights_only=True) if optimizer.is_file() else None
         self._remember(path, payload)
         return payload
+
+    def save_external(self, run_id: str, name: str, payload: dict) -> str:
+        """The adapter of `payload` as a PEFT folder (adapter_config.json + adapter_model.safetensors) under
+        root/<run id>/external_weights/<name>; returns its tinker:// path."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        if self.root is None:
+            raise ValueError("save_weights_external writes files: create the OfflineServiceClient with a root folder")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"checkpoint name must be a non-empty string without '/', got {name!r}")
+        path = f"tinker://{run_id}/external_weights/{name}"
+        folder = self._folder(path)
+        if folder.exists():
+            raise ValueError(f"checkpoint {path} exists; pick another name")
+        folder.mkdir(parents=True)
+        lora = payload["lora"]
+        LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                   target_modules=list(lora["targets"]), bias="none", task_type="CAUSAL_LM",
+                   base_model_name_or_path=self.base_model).save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in payload["tensors"].items()}, str(folder / _ADAPTER_WEIGHTS))
+        return path
+
+    def external_files(self, path: str) -> dict[str, Path]:
+        folder = self._folder(path)
+        if folder is None or folder.parent.name != "external_weights" or not folder.is_dir():
+            raise ValueError(f"unknown external weights checkpoint {path}: nothing was saved under that path")
+        return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def delete(self, path: str) -> None:
+        import shutil
+
+        self.store.pop(path, None)
+        folder = self._folder(path)
+        if folder is None or not folder.exists():
+            raise ValueError(f"unknown checkpoint {path}: nothing to delete")
+        shutil.rmtree(folder)
 
     def check_base_model(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.base_model:
@@ -421,24 +463,21 @@ class OfflineSamplingClient:
         _check_last_n(last_n, len(tokens))
         greedy = params.top_k == 1 or params.temperature == 0
         stop = _stop_ids(params.stop, engine.eos)
-        generator = engine.generator
-        if params.seed is not None:
-            generator = torch.Generator(device=engine.device)
-            generator.manual_seed(int(params.seed))
+        seeds = None if greedy else _sample_seeds(params.seed, num_samples, engine.generator)
         prompt_lp = top = None
         last_row = None
         if include_prompt_logprobs:
             prompt_lp, top, last_row = self._prompt_scores(tokens, topk, last_n)
+        if last_row is not None and params.max_tokens == 1:  # one token from the prompt pass already made
+            drawn = _one_token(last_row, greedy, params, seeds, stop, num_samples)
+        else:
+            with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
+                drawn = decode_batch(
+                    causal_lm, [tokens] * num_samples, max_new_tokens=params.max_tokens,
+                    temperature=params.temperature or 1.0, top_p=params.top_p, greedy=greedy,
+                    pad_token_id=engine.pad, eos_token_ids=stop, seeds=seeds)
         sequences = []
-        for _ in range(num_samples):
-            if last_row is not None and params.max_tokens == 1:  # one token from the prompt pass already made
-                ids, lps, finished = _one_token(last_row, greedy, params, generator, stop)
-            else:
-                with torch.no_grad(), engine.using(self._adapter(), train=False) as causal_lm:
-                    ids, lps, finished = decode_batch(
-                        causal_lm, [tokens], max_new_tokens=params.max_tokens, temperature=params.temperature or 1.0,
-                        top_p=params.top_p, greedy=greedy, pad_token_id=engine.pad, eos_token_ids=stop,
-                        generators=None if greedy else [generator])[0]
+        for ids, lps, finished in drawn:
             engine.sequences += 1
             sequences.append(types.SampledSequence(
                 stop_reason="stop" if finished else "length", sequence_id=f"offline-{engine.sequences}",
@@ -593,6 +632,19 @@ class OfflineTrainingClient:
             return types.SaveWeightsForSamplerResponse(path=path)
         return _future(run)
 
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None):
+        """The adapter as a PEFT folder under tinker://<run id>/external_weights/<name> (needs the service's
+        root folder); its files are listed by the rest client's get_external_weights_urls."""
+        if age_encryption_recipients:
+            raise ValueError("the offline service does not encrypt exported weights")
+
+        def run():
+            with self._engine.lock:
+                path = self._engine.save_external(self.model_id, name, self._payload(False))
+            return types.SaveWeightsExternalResponse(path=path)
+        return _future(run)
+
     def create_sampling_client(self, model_path: str, retry_config=None, record_stability_info: bool = False):
         def run():
             with self._engine.lock:
@@ -644,6 +696,24 @@ class _OfflineRestClient:
         context = getattr(getattr(engine.model, "config", None), "max_position_embeddings", None)
         return _future(lambda: types.GetServerCapabilitiesResponse(supported_models=[types.SupportedModel(
             model_name=engine.base_model, max_context_length=context, trainable=True, sampleable=True)]))
+
+    def get_external_weights_urls(self, tinker_path: str):
+        """file:// URLs of the files of an external weights checkpoint, keyed by their path in it."""
+        import datetime
+
+        def run():
+            with self._engine.lock:
+                files = self._engine.external_files(tinker_path)
+            expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+            return types.ExternalWeightsUrlsResponse(urls={k: p.resolve().as_uri() for k, p in files.items()},
+                                                     expires=expires)
+        return _future(run)
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str):
+        def run():
+            with self._engine.lock:
+                self._engine.delete(tinker_path)
+        return _future(run)
 
 
 class OfflineServiceClient:
@@ -771,16 +841,24 @@ def _stop_ids(stop, eos: list[int]) -> list[int]:
     return [int(s) for s in stop]
 
 
-def _one_token(last_row: torch.Tensor, greedy: bool, params, generator, stop) -> tuple[list[int], list[float], bool]:
-    """One token drawn from the last prompt position's log-probs [V] (as decode_batch would)."""
-    logits = last_row.float()[None]  # log-probs differ from logits by a constant per row
+def _sample_seeds(seed: int | None, num_samples: int, generator: torch.Generator) -> list[int]:
+    """The stream seed of each of the num_samples samples of one request: `seed` for the first (as a local
+    sample with that seed), then seeds drawn from a generator seeded with it; without a seed, all drawn
+    from the service's generator."""
+    if seed is None:
+        return draw_seeds(generator, num_samples)
+    return [int(seed)] + draw_seeds(torch.Generator().manual_seed(int(seed)), num_samples - 1)
+
+
+def _one_token(last_row: torch.Tensor, greedy: bool, params, seeds, stop,
+               num_samples: int) -> list[tuple[list[int], list[float], bool]]:
+    """One token per sample drawn from the last prompt position's log-probs [V] (as decode_batch would)."""
+    logits = last_row.float()[None].expand(num_samples, -1)  # log-probs differ from logits by a constant per row
     if greedy:
-        token = int(logits.argmax(-1))
-        token_lp = float(torch.log_softmax(logits, -1)[0, token])
+        drawn, drawn_lp = greedy_tokens(logits)
     else:
-        drawn, drawn_lp = draw_token(logits, params.temperature, params.top_p, generators=[generator])
-        token, token_lp = int(drawn[0]), float(drawn_lp[0])
-    return [token], [token_lp], token in stop
+        drawn, drawn_lp = draw_tokens(logits, counter_uniforms(seeds, 1)[:, 0], params.temperature, params.top_p)
+    return [([int(token)], [float(lp)], int(token) in stop) for token, lp in zip(drawn, drawn_lp)]
 
 
 def _datum_tokens(datum, i: int) -> list[int]:

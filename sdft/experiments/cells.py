@@ -25,9 +25,10 @@ from typing import Callable, Sequence
 
 from sdft.config import Config, config_to_dict, load_config
 from sdft.io import atomic_write_json, fsync_dir
+from sdft.rundir import compare_configs
 
 RESULT_FILE = "cell.json"
-EVAL_PREFIX = "eval."  # config keys that never affect training
+CELL_MAY_CHANGE = ("eval",)  # config sections that never affect training
 
 
 @dataclass(frozen=True)
@@ -176,15 +177,14 @@ def check_unchanged(cell: Cell) -> list[str]:
     stored = cell.folder / "config.yaml"
     if not stored.is_file():
         return []
-    old, new = _flatten(config_to_dict(load_config(stored))), _flatten(config_to_dict(cell.config))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-    training = [line for key, line in zip(changed, shown) if not key.startswith(EVAL_PREFIX)]
-    if training:
-        raise ValueError(f"cell {cell.name}: {stored} was run with a different config ({_show(training)}); only "
-                         f"the {EVAL_PREFIX}* keys may change (the cell is then re-evaluated); delete {cell.folder} "
-                         "to rerun it with the new settings, or give the experiment another name or preset")
-    return shown
+    changes = compare_configs(config_to_dict(load_config(stored)), config_to_dict(cell.config),
+                              may_change=CELL_MAY_CHANGE)
+    if changes.refused:
+        raise ValueError(f"cell {cell.name}: {stored} was run with a different config ({_show(changes.refused)}); "
+                         f"only the {', '.join(p + '.*' for p in CELL_MAY_CHANGE)} keys may change (the cell is then "
+                         f"re-evaluated); delete {cell.folder} to rerun it with the new settings, or give the "
+                         "experiment another name or preset")
+    return changes.allowed
 
 
 def set_aside_result(cell: Cell) -> Path:
@@ -215,24 +215,6 @@ def _latest_checkpoint(cell: Cell):
 
 def _show(lines: Sequence[str], limit: int = 4) -> str:
     return ", ".join(lines[:limit]) + (", ..." if len(lines) > limit else "")
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    """{"a.b": leaf}; a list of mappings with distinct "name"s (eval.benchmarks) is keyed by name:
-    "eval.benchmarks[science].max_new_tokens"."""
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, list) and tree and all(isinstance(item, dict) and "name" in item for item in tree):
-        names = [str(item["name"]) for item in tree]
-        if len(set(names)) == len(names):
-            out = {f"{prefix.rstrip('.')}.order": names} if len(names) > 1 else {}
-            for name, item in zip(names, tree):
-                out.update(_flatten(item, f"{prefix.rstrip('.')}[{name}]."))
-            return out
-    return {prefix.rstrip("."): tree}
 
 
 def _describe(meta: dict) -> str:

@@ -3,7 +3,7 @@
 Shared layout of `configs/ablation_*.yaml` and `configs/continual_learning.yaml`:
 
     name: ablation_tooluse                 # results/<name>/ (with the preset appended unless it is the default)
-    config: configs/tooluse.yaml           # the run config every cell starts from
+    config: tooluse                        # the run config every cell starts from (a shipped name or a path)
     tasks:                                 # every task is trained on and/or evaluated; evaluation order = this order
       tooluse: {title: Tool-use, kind: tooluse, path: ..., split: api, test_fraction: 0.3, split_seed: 0,
                 benchmark: {max_new_tokens: 1024, tooluse_mode: strict}}

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SamplingParams", "Rollout", "Sampler", "stop_token_ids", "padding_token_id", "check_token_lists",
            "check_positive_int"]
@@ -58,7 +61,16 @@ class Rollout:
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Decodes the current student."""
+    """Decodes the current student. `stop_ids`: the ids that end a completion (`stop_token_ids`);
+    `generator`: the torch.Generator that draws stream seeds for calls without seeds (kept in checkpoints)."""
+
+    stop_ids: list[int]
+    generator: "torch.Generator"
+
+    def weights_changed(self) -> None:
+        """The student's weights changed (an optimizer step, a loaded checkpoint): a sampler that holds its
+        own copy refreshes it before it decodes again."""
+        ...
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:

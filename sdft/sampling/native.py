@@ -1,13 +1,20 @@
-"""The native sampler: KV-cache decoding of a Hugging Face causal LM in PyTorch.
+"""The native sampler: batched KV-cache decoding of a Hugging Face causal LM in PyTorch.
 
 Prompts are left-padded, position ids counted over the real tokens only, and decoded `batch_size` at a
-time with the model's KV cache. Sampling draws from softmax(z / T) restricted to the top-p nucleus; the
-log-probability of each drawn token under that restricted distribution is returned (greedy decoding
-returns log-softmax(z) of the argmax). A prompt is finished when it produced a stop token (kept);
-positions after that are dropped.
+time with the model's KV cache. Every decoding step draws the next token of all rows in one batched
+operation (`sdft.sampling.draw`): sampling inverts the CDF of softmax(z / T) restricted to the top-p
+nucleus with counter-based uniforms keyed by (prompt seed, token index), so a prompt's completion does not
+depend on the batch it is decoded in; the log-probability of each drawn token under that distribution is
+returned (greedy decoding returns log-softmax(z) of the argmax). A prompt is finished when it produced a
+stop token (kept). Finished rows are dropped from the batch (and from the KV cache) at stop checks, every
+`stop_check_every` tokens: the only points where the host waits for the device.
+
+Why not `model.generate`: it draws from one global generator (no per-prompt streams), keeps decoding
+finished rows, and does not return the log-probs under the top-p-restricted distribution.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -15,43 +22,51 @@ from torch import nn
 
 from sdft.sampling.base import (Rollout, SamplingParams, check_positive_int, check_token_lists, padding_token_id,
                                 stop_token_ids)
+from sdft.sampling.draw import counter_uniforms, draw_seeds, draw_tokens, greedy_tokens
 
-__all__ = ["NativeSampler", "decode_batch", "sampling_logprobs", "draw_token"]
+__all__ = ["NativeSampler", "decode_batch", "default_stop_check_every"]
 
 
 class NativeSampler:
     """Decodes `causal_lm` (a module whose forward returns logits; for a peft student the base model with
     the adapter layers injected, so the active adapter decides what is decoded). Implements
-    `sdft.sampling.base.Sampler`. Without per-prompt seeds, draws come from one generator seeded by `seed`
-    (its state is `generator`, kept in checkpoints). `batch_size`: prompts per decoding batch (None: all)."""
+    `sdft.sampling.base.Sampler`. Without per-prompt seeds, the prompts' stream seeds are drawn from one
+    generator seeded by `seed` (its state is `generator`, kept in checkpoints). `batch_size`: prompts per
+    decoding batch (None: all). `stop_check_every`: tokens between stop checks (None: see
+    `default_stop_check_every`). `sync_stop(alive) -> any process alive`: with a sharded student every forward is
+    collective, so every process decodes (a finished batch keeps one row) until all are done."""
 
     def __init__(self, causal_lm: nn.Module, tokenizer, *, batch_size: int | None = None, seed: int = 0,
-                 eos_token_ids: Sequence[int] | None = None, sync_stop: Callable[[bool], bool] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, stop_check_every: int | None = None,
+                 sync_stop: Callable[[bool], bool] | None = None):
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
+        if stop_check_every is not None:
+            check_positive_int("stop_check_every", stop_check_every)
         self.causal_lm = causal_lm
         self.stop_ids = stop_token_ids(tokenizer, getattr(causal_lm, "generation_config", None), eos_token_ids)
         self.pad_id = padding_token_id(tokenizer, self.stop_ids)
         self.batch_size = batch_size
+        self.stop_check_every = stop_check_every
         self.sync_stop = sync_stop
-        device = next(causal_lm.parameters()).device
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(seed))
+
+    def weights_changed(self) -> None:
+        """Nothing to do: decoding reads the live module."""
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompts = check_token_lists("prompt_ids", prompt_ids)
-        generators = None
-        if seeds is not None:
-            if len(seeds) != len(prompts):
-                raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for "
-                                 f"{len(prompts)} prompts")
-            device = self.generator.device
-            generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        if seeds is None:
+            seeds = draw_seeds(self.generator, len(prompts))
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for "
+                             f"{len(prompts)} prompts")
         out = self._decode(prompts, params.max_new_tokens, params.temperature, params.top_p, greedy=False,
-                           generators=generators)
+                           seeds=list(seeds))
         return [Rollout(tuple(p), tuple(ids), tuple(lps), finished) for p, (ids, lps, finished) in zip(prompts, out)]
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -63,7 +78,7 @@ class NativeSampler:
         return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True,
                                                   batch_size=batch_size)]
 
-    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, generators=None, batch_size=None):
+    def _decode(self, prompts, max_new_tokens, temperature, top_p, greedy, seeds=None, batch_size=None):
         """decode_batch over `batch_size` prompts at a time in eval mode under no_grad (training mode restored)."""
         size = batch_size or self.batch_size or len(prompts)
         causal_lm, results = self.causal_lm, []
@@ -75,91 +90,98 @@ class NativeSampler:
                     results.extend(decode_batch(
                         causal_lm, prompts[start:start + size], max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, greedy=greedy, pad_token_id=self.pad_id,
-                        eos_token_ids=self.stop_ids, generator=self.generator,
-                        generators=None if generators is None else generators[start:start + size],
-                        sync_stop=self.sync_stop))
+                        eos_token_ids=self.stop_ids, seeds=None if seeds is None else seeds[start:start + size],
+                        stop_check_every=self.stop_check_every, sync_stop=self.sync_stop))
         finally:
             causal_lm.train(was_training)
         return results
 
 
+def default_stop_check_every(device: torch.device) -> int:
+    """Tokens between stop checks: 1 on the CPU (the host is the device: a check costs nothing and a
+    finished row leaves at once), 8 on an accelerator (a check waits for the device)."""
+    return 1 if torch.device(device).type == "cpu" else 8
+
+
 def decode_batch(causal_lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float, top_p: float, greedy: bool, pad_token_id: int, eos_token_ids: Sequence[int],
-                 generator: torch.Generator | None = None, generators: Sequence[torch.Generator] | None = None,
+                 seeds: Sequence[int] | None = None, stop_check_every: int | None = None,
                  sync_stop: Callable[[bool], bool] | None = None) -> list[tuple[list[int], list[float], bool]]:
     """Left-padded KV-cache decoding of one batch of prompts (call under torch.no_grad(), in eval mode);
-    returns (completion ids, sampler log-probs, finished) per prompt. `generators` gives prompt b its own
-    random stream (results then do not depend on batching), else `generator` is shared. `sync_stop(alive)`
-    -> whether any process still decodes: with a sharded model every forward is collective, so every process
-    decodes until all are done."""
+    returns (completion ids, sampler log-probs, finished) per prompt. Sampling needs `seeds`: prompt b draws
+    its token t with the uniform counter_uniforms(seeds)[b, t], so its result does not depend on the batch.
+    `sync_stop`: see NativeSampler (then the stop check runs every token)."""
     device = next(causal_lm.parameters()).device
-    pad, eos_ids = int(pad_token_id), [int(i) for i in eos_token_ids]
     batch, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
+    if not greedy and (seeds is None or len(seeds) != batch):
+        raise ValueError("sampling needs one seed per prompt")
+    check_every = 1 if sync_stop is not None else stop_check_every or default_stop_check_every(device)
+    # attention over [prompt | completion]: left padding masked, every completion slot visible (causality
+    # hides the ones not yet written)
+    input_ids = torch.full((batch, width), int(pad_token_id), dtype=torch.long)
+    attention = torch.ones((batch, width + max_new_tokens), dtype=torch.long)
     for b, prompt in enumerate(prompts):
         input_ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention[b, width - len(prompt):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    out = causal_lm(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
-    next_pos = positions[:, -1:] + 1
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs, alive = [], [], []
+        attention[b, :width - len(prompt)] = 0
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)
+    uniforms = None if greedy else counter_uniforms(seeds, max_new_tokens, device=device)   # [B, T]
+    eos = torch.tensor([int(i) for i in eos_token_ids], dtype=torch.long, device=device)
+
+    cache = _new_cache(causal_lm)
+    cache_kw = _cache_keyword(causal_lm)
+    logits = causal_lm(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
+                       use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+    next_pos = positions[:, -1:] + 1                                          # [b, 1] of the live rows
+    rows = torch.arange(batch, device=device)                                 # live row -> prompt index
+    tokens = torch.full((batch, max_new_tokens), int(pad_token_id), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float64, device=device)
+    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)            # [b] live rows that hit a stop
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
         if greedy:
-            token = logits.argmax(-1)
-            token_lp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+            token, token_lp = greedy_tokens(logits)
         else:
-            token, token_lp = draw_token(logits, temperature, top_p, generator=generator, generators=generators)
-        alive.append(~done)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        tokens.append(token)
-        logprobs.append(token_lp)
-        done = done | torch.isin(token, eos)
-        alive_here = not bool(done.all())
-        if t == max_new_tokens - 1 or not (sync_stop(alive_here) if sync_stop is not None else alive_here):
+            token, token_lp = draw_tokens(logits, uniforms[rows, t], temperature, top_p)
+        tokens[rows, t] = token
+        logprobs[rows, t] = token_lp.double()
+        new_stop = torch.isin(token, eos) & ~stopped
+        lengths[rows] = torch.where(new_stop, t + 1, lengths[rows])
+        stopped |= new_stop
+        if t == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = causal_lm(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+        if sync_stop is not None and not sync_stop(not bool(stopped.all())):  # once per token on every process
+            break
+        if (t + 1) % check_every == 0 and bool(stopped.any()):  # drop finished rows
+            keep = (~stopped).nonzero()[:, 0]
+            if keep.numel() == 0 and sync_stop is None:
+                break
+            if keep.numel() == 0:  # other processes still decode: keep one finished row as a filler
+                keep = keep.new_zeros(1)
+            rows, token, next_pos, stopped = rows[keep], token[keep], next_pos[keep], stopped[keep]
+            attention = attention[keep]
+            cache.reorder_cache(keep)
+        span = width + t + 1
+        logits = causal_lm(input_ids=token[:, None], attention_mask=attention[:, :span], position_ids=next_pos,
+                           use_cache=True, **{cache_kw: cache}).logits[:, -1]
         next_pos = next_pos + 1
-    tokens = torch.stack(tokens, 1).tolist()
-    logprobs = torch.stack(logprobs, 1).tolist()
-    alive = torch.stack(alive, 1).tolist()
-    finished = done.tolist()
-    results = []
-    for b in range(batch):
-        n = sum(alive[b])
-        results.append((tokens[b][:n], [float(x) for x in logprobs[b][:n]], bool(finished[b])))
-    return results
+    lengths, tokens, logprobs = lengths.tolist(), tokens.tolist(), logprobs.tolist()
+    return [(tokens[b][:n], logprobs[b][:n], n < max_new_tokens or tokens[b][n - 1] in eos_token_ids)
+            for b, n in enumerate(lengths)]
 
 
-def draw_token(logits: torch.Tensor, temperature: float, top_p: float, *, generator: torch.Generator | None = None,
-               generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of logits [B, V] from softmax(z / T) within the top-p nucleus, and its log-prob
-    under that distribution: (tokens [B] int64, log-probs [B] float32). Row b uses generators[b] when given."""
-    lp = sampling_logprobs(logits, temperature, top_p)
-    probs = lp.exp()
-    if generators is None:
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    else:
-        token = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
-    return token, lp.gather(-1, token[:, None])[:, 0]
+def _new_cache(causal_lm: nn.Module):
+    """An empty growing KV cache laid out for the model's layer types (sliding-window layers included)."""
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache).parameters:
+        return DynamicCache(config=causal_lm.config)
+    return DynamicCache()
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """log-softmax(z / T) [B, V] restricted to the smallest set of most likely tokens whose probability
-    reaches top_p (the rest get -inf), renormalized."""
-    scaled = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = scaled.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(scaled, -1)
+def _cache_keyword(causal_lm: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+    from sdft.lm import causal_lm_of
+
+    forward = causal_lm_of(causal_lm).forward  # (a peft or FSDP2 root passes keywords on)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
