@@ -5,7 +5,7 @@ Skill: extracting a person and a city from a sentence into a fixed JSON object::
     Extract the person and the city as JSON: Noah lives in Jakarta.
     {"name": "Noah", "city": "Jakarta"}
 
-Like the quickstart's tool calls (stage 1, `sdft/datasets/quickstart`), it needs no knowledge beyond the
+Like the tool calls (stage 1, `sdft/datasets/laptop/toolcalls`), it needs no knowledge beyond the
 prompt, so SmolLM2-135M can do it when shown examples, while asked directly it invents its own keys or
 answers in prose. The held-out rows use names, cities and a sentence pattern that no training row uses.
 The prior abilities watched for forgetting are the quickstart's retention set (capitals, languages,
