@@ -9,6 +9,7 @@ from sdft.config import Config
 from sdft.data import (CONVERSATIONAL_KINDS, QUICKSTART_DIR, PromptExample, load_examples, split_examples,
                        with_system_prompt)
 from sdft.evaluation import Benchmark, benchmark_from_examples, load_task_benchmark
+from sdft.lm_eval_bridge import LmEvalBenchmark
 
 PACKAGE_PREFIX = "package:"
 """Paths starting with this prefix point into the data shipped with sdft (e.g. package:quickstart/train.jsonl)."""
@@ -82,12 +83,19 @@ def load_run_data(config: Config) -> RunData:
     return RunData(train=train, heldout=heldout, notes=notes)
 
 
-def build_benchmarks(config: Config, heldout: list[PromptExample]) -> list[tuple[Benchmark, int | None]]:
-    """Each configured benchmark with its max_items."""
+def build_benchmarks(config: Config,
+                     heldout: list[PromptExample]) -> list[tuple[Benchmark | LmEvalBenchmark, int | None]]:
+    """Each configured benchmark with its max_items (kind lm_eval: an `LmEvalBenchmark`)."""
     out = []
     for bench in config.eval.benchmarks:
         common = {"split": bench.split, "run_every": bench.run_every, "max_new_tokens": bench.max_new_tokens}
-        if bench.kind == "tasks":
+        if bench.kind == "lm_eval":
+            folder = None if bench.path is None else str(resolve_path(bench.path))
+            benchmark = LmEvalBenchmark(
+                name=bench.name, task=bench.task, include_path=folder, metric=bench.metric,
+                num_fewshot=bench.num_fewshot, chat_template=bench.chat_template,
+                allow_code_execution=bench.allow_code_execution, **common)
+        elif bench.kind == "tasks":
             benchmark = load_task_benchmark(resolve_path(bench.path), name=bench.name, **common)
         else:
             if bench.kind == "heldout" and heldout:

@@ -188,15 +188,21 @@ class DataConfig(Section):
 @dataclass(frozen=True)
 class BenchmarkConfig(Section):
     name: str = setting("", check=_check_run_name)
-    kind: Literal["tasks", "tooluse", "science", "jsonl", "heldout"] = setting(
-        "tasks", doc="heldout: the test split made by data.split (or data.fallback_split)")
-    path: Optional[str] = None
+    kind: Literal["tasks", "tooluse", "science", "jsonl", "heldout", "lm_eval"] = setting(
+        "tasks", doc="heldout: the test split made by data.split (or data.fallback_split); lm_eval: an "
+                     "lm-evaluation-harness task (sdft.lm_eval_bridge)")
+    path: Optional[str] = setting(None, doc="the data; kind=lm_eval: an optional folder of task YAMLs")
     run_every: Optional[int] = setting(None, ge=1, doc="steps between evaluations; null: once after training")
     split: str = "val"
     max_items: Optional[int] = setting(None, ge=1)
     max_new_tokens: int = setting(256, ge=1)
     tooluse_mode: Literal["strict", "robust", "actions"] = "strict"
     mcq_mode: Literal["official", "lenient"] = "official"
+    task: Optional[str] = setting(None, doc="kind=lm_eval: the harness task or group (hellaswag, mmlu, ...)")
+    metric: str = setting("acc", check=_check_non_empty, doc="kind=lm_eval: the 0/1 per-document metric scored")
+    num_fewshot: int = setting(0, ge=0, doc="kind=lm_eval: in-context examples (0: the paper's setting)")
+    chat_template: bool = setting(False, doc="kind=lm_eval: apply the tokenizer's chat template")
+    allow_code_execution: bool = setting(False, doc="kind=lm_eval: let code tasks (humaneval) run generated code")
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,13 @@ def validate_config(config: Config) -> None:
                     f"invalid config: {key}.kind=heldout evaluates the test split made by data.split, but "
                     f"data.split=none and {key}.path is not set; allowed: data.split=random or data.split=api, "
                     "or a path to evaluate when no split is made")
+        elif benchmark.kind == "lm_eval":
+            if not benchmark.task:
+                raise ValueError(f"invalid config: {key}.task is required for {key}.kind=lm_eval (an "
+                                 "lm-evaluation-harness task name such as hellaswag)")
         elif not benchmark.path:
             raise ValueError(f"invalid config: {key}.path is required for {key}.kind={benchmark.kind} "
-                             "(only kind=heldout needs no path)")
+                             "(only kind=heldout and kind=lm_eval need no path)")
+        if benchmark.task is not None and benchmark.kind != "lm_eval":
+            raise ValueError(f"invalid config: {key}.task={benchmark.task!r} is only read by kind=lm_eval, "
+                             f"not kind={benchmark.kind}")

@@ -115,6 +115,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         generate = lambda prompts, n: student.backend.generate_greedy(  # noqa: E731
             prompts, n, batch_size=config.eval.batch_size)
         described = {"run": str(Path(run_dir)), "checkpoint": student.checkpoint.name, "notes": list(student.notes)}
+        causal_lm = student.backend.module
     else:
         if config is None:
             raise ValueError("give a config (to evaluate its model.name) or a run folder")
@@ -125,6 +126,7 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
         if device is not None:
             model.to(device)
         generate = NativeSampler(model, tokenizer, batch_size=config.eval.batch_size).greedy
+        causal_lm = model
         described = {"run": None, "checkpoint": None, "notes": []}
     if not config.eval.benchmarks:
         raise ValueError("eval.benchmarks is empty: nothing to evaluate (set it in the config or as an override)")
@@ -137,7 +139,8 @@ def evaluate_model(config: Config | None, *, out_dir: str | os.PathLike | None =
     benchmarks = build_benchmarks(config, data.heldout)
     results = evaluate_benchmarks(benchmarks, generate, tokenizer, predictions_dir=out_dir / "predictions",
                                   max_prompt_tokens=config.data.max_prompt_tokens, chunk_size=config.eval.batch_size,
-                                  progress=progress, chat_template_kwargs=config.data.chat_template_kwargs)
+                                  progress=progress, causal_lm=causal_lm,
+                                  chat_template_kwargs=config.data.chat_template_kwargs)
     for benchmark, _ in benchmarks:
         row = asdict(results[benchmark.name])
         row["per_item"] = [int(x) for x in row["per_item"]]

@@ -27,6 +27,7 @@ from sdft.verifiers import (MCQ_MODES, TOOLUSE_MODES, VERIFIERS, check_expected,
 
 if TYPE_CHECKING:
     from sdft.data import PromptExample
+    from sdft.lm_eval_bridge import LmEvalBenchmark
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -251,23 +252,34 @@ def evaluate(benchmark: Benchmark, generate: GenerateFn, tokenizer: Any, *,
                       pass_at_1=correct / len(items), ci_low=low, ci_high=high, per_item=per_item)
 
 
-def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark, int | None]], generate: GenerateFn, tokenizer: Any, *,
-                        predictions_dir: str | os.PathLike | None, tag: str = "", max_prompt_tokens: int | None = None,
-                        chunk_size: int | None = None, progress: bool = False,
-                        chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, EvalResult]:
+def evaluate_benchmarks(benchmarks: Iterable[tuple[Benchmark | LmEvalBenchmark, int | None]], generate: GenerateFn,
+                        tokenizer: Any, *, predictions_dir: str | os.PathLike | None, tag: str = "",
+                        max_prompt_tokens: int | None = None, chunk_size: int | None = None, progress: bool = False,
+                        causal_lm: Any = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+                        ) -> dict[str, EvalResult]:
     """`evaluate` on each (benchmark, max_items), predictions to <predictions_dir>/<name><tag>.jsonl (None: not
-    written); with
-    `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call)."""
+    written); with `progress`, a bar per benchmark counting items (`chunk_size` prompts per generate call).
+
+    An `sdft.lm_eval_bridge.LmEvalBenchmark` is run by the harness on `causal_lm` (the model that
+    `generate` decodes; required for such benchmarks) with `chunk_size` as its batch size."""
+    from sdft.lm_eval_bridge import LmEvalBenchmark, evaluate_lm_eval
     from sdft.logs import ProgressBar
 
     results = {}
     for benchmark, max_items in benchmarks:
+        path = None if predictions_dir is None else Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl"
+        if isinstance(benchmark, LmEvalBenchmark):
+            if causal_lm is None:
+                raise ValueError(f"benchmark {benchmark.name!r} (kind lm_eval) needs the model itself, not only a "
+                                 "decoding function: pass causal_lm")
+            results[benchmark.name] = evaluate_lm_eval(benchmark, causal_lm, tokenizer, max_items=max_items,
+                                                       batch_size=chunk_size or 8, predictions_path=path)
+            continue
         n_items = min(len(benchmark.items), max_items or len(benchmark.items))
         with ProgressBar(n_items, desc=f"eval {benchmark.name}{tag}", enabled=progress) as bar:
             results[benchmark.name] = evaluate(
                 benchmark, generate, tokenizer, max_prompt_tokens=max_prompt_tokens, max_items=max_items,
-                predictions_path=None if predictions_dir is None else Path(predictions_dir) / f"{benchmark.name}{tag}.jsonl",
-                chunk_size=chunk_size,
+                predictions_path=path, chunk_size=chunk_size,
                 on_progress=bar.update, chat_template_kwargs=chat_template_kwargs)
     return results
 

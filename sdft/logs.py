@@ -383,6 +383,10 @@ def write_summary(path: str | os.PathLike, *, title: str, config: Mapping[str, A
                          f"{_cell(after, after_low, after_high)} | {delta} | {'-' if n is None else n} |")
     else:
         lines.append("No scores.")
+    paired = _paired_rows(names, scores_before, scores_after)
+    if paired:
+        lines += ["", "## Paired change on the same items", "",
+                  "| metric | gained | lost | exact McNemar p |", "|---|---|---|---|"] + paired
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     for heading, body in (extra_sections or {}).items():
@@ -391,6 +395,20 @@ def write_summary(path: str | os.PathLike, *, title: str, config: Mapping[str, A
     lines += ["", "## Config", "", "```yaml", config_text.rstrip("\n"), "```", ""]
     atomic_write_text(path, "\n".join(lines))
     return Path(path)
+
+
+def _paired_rows(names: Sequence[str], before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """A table row per metric whose two sides carry per-item outcomes (`per_item`) on the same items:
+    items gained (0 -> 1), lost (1 -> 0), and the exact McNemar p-value (`sdft.stats.mcnemar_exact`)."""
+    from sdft.stats import mcnemar_exact
+
+    rows = []
+    for name in names:
+        left, right = getattr(before.get(name), "per_item", None), getattr(after.get(name), "per_item", None)
+        if left and right and len(left) == len(right):
+            test = mcnemar_exact(left, right)
+            rows.append(f"| {name} | {test.gained} | {test.lost} | {test.p_value:.3g} |")
+    return rows
 
 
 def _plain_tree(value: Any) -> Any:

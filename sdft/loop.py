@@ -92,6 +92,7 @@ def _evaluate_all(backend, tokenizer, benchmarks, *, config: Config, run_dir: Pa
                                predictions_dir=run_dir / "predictions" if parallel.is_main else None, tag=tag,
                                max_prompt_tokens=config.data.max_prompt_tokens,
                                chunk_size=config.eval.batch_size * parallel.world_size, progress=progress,
+                               causal_lm=getattr(backend, "module", None),
                                chat_template_kwargs=config.data.chat_template_kwargs)
 
 

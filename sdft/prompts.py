@@ -2,7 +2,8 @@
 chat-template rendering to token ids with truncation to a token budget.
 
 The student sees the example's messages unchanged. The teacher sees the same messages with the last
-user turn wrapped by a `string.Template` that also shows the gold demonstration.
+user turn wrapped by a `string.Template` that also shows the gold demonstration, or (template "turns") with
+the demonstration given as an earlier assistant reply to the same user turn.
 
 Truncation to `max_prompt_tokens`: the student prompt keeps its last tokens (left truncation, as in the
 official code). The teacher prompt is cut from the demonstration's side instead, so that a long
@@ -35,6 +36,11 @@ TEACHER_TEMPLATES = {
     ),
 }
 TEMPLATE_PLACEHOLDERS = ("orig_content", "output_text")
+DEMONSTRATION_TURNS = "turns"
+"""The teacher.template name that shows the demonstration as an earlier exchange instead of quoting it: the
+teacher's conversation is the user turn, the demonstration as the assistant's reply, then the same user turn
+again (no text added). A small model follows a demonstration given as a previous answer, as it follows
+few-shot examples, far more readily than one quoted inside the user turn."""
 
 
 def _template_identifiers(text: str) -> set[str]:
@@ -52,13 +58,16 @@ def resolve_teacher_template(template: str) -> str:
     contain both `$orig_content` and `$output_text` and no other placeholder."""
     if not isinstance(template, str):
         raise ValueError(f"teacher template must be a string, got {type(template).__name__}")
+    if template == DEMONSTRATION_TURNS:
+        return template
     if template in TEACHER_TEMPLATES:
         return TEACHER_TEMPLATES[template]
     names = _template_identifiers(template)
     missing = [name for name in TEMPLATE_PLACEHOLDERS if name not in names]
     if missing:
         raise ValueError(
-            f"teacher template {template!r} is neither a known name {sorted(TEACHER_TEMPLATES)} nor a "
+            f"teacher template {template!r} is neither a known name "
+            f"{sorted([*TEACHER_TEMPLATES, DEMONSTRATION_TURNS])} nor a "
             f"custom template: it lacks the placeholder(s) {', '.join('$' + m for m in missing)} "
             f"(a custom template must contain both $orig_content and $output_text)")
     extra = sorted(names - set(TEMPLATE_PLACEHOLDERS))
@@ -71,6 +80,9 @@ def resolve_teacher_template(template: str) -> str:
 
 def render_teacher_content(user_content: str, demonstration: str, template: str = "official") -> str:
     """The teacher's last user turn: the template with the original user turn and the demonstration."""
+    if template == DEMONSTRATION_TURNS:
+        raise ValueError(f"teacher template {DEMONSTRATION_TURNS!r} is a sequence of turns, not the text of one "
+                         "user turn: use teacher_messages")
     return string.Template(resolve_teacher_template(template)).substitute(
         orig_content=user_content, output_text=demonstration)
 
@@ -97,7 +109,8 @@ def _demonstration(example: Any) -> str:
 def teacher_messages(example: Any, template: str = "official", keep_system: bool = True,
                      demonstration: str | None = None) -> list[dict]:
     """The teacher's chat messages: the example's messages with the last user turn replaced by the
-    template around it and the example's demonstration (or `demonstration`, when given).
+    template around it and the example's demonstration (or `demonstration`, when given); with the template
+    DEMONSTRATION_TURNS, the last user turn, the demonstration as an assistant turn, and the last user turn again.
 
     keep_system=True keeps a system message if the example has one (the official code's behaviour for
     science); keep_system=False drops it (the cookbook's behaviour).
@@ -106,7 +119,10 @@ def teacher_messages(example: Any, template: str = "official", keep_system: bool
     if demonstration is None:
         demonstration = _demonstration(example)
     last = messages[-1]
-    last["content"] = render_teacher_content(last["content"], demonstration, template)
+    if template == DEMONSTRATION_TURNS:
+        messages[-1:] = [dict(last), {"role": "assistant", "content": demonstration}, dict(last)]
+    else:
+        last["content"] = render_teacher_content(last["content"], demonstration, template)
     if not keep_system:
         messages = [message for message in messages if message.get("role") != "system"]
     return messages

@@ -1,4 +1,5 @@
-"""Confidence intervals for pass@1 and its differences: Wilson score and (paired) bootstrap.
+"""Confidence intervals for pass@1 and its differences (Wilson score, paired bootstrap), and the exact paired
+test of a change in pass@1 on the same items (McNemar).
 
 One tool-use eval item is about 1 point of accuracy, so single-run differences between methods are
 usually inside these intervals; report them next to every score. Everything here is numpy only and
@@ -7,9 +8,10 @@ deterministic given `seed`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -127,3 +129,39 @@ def _as_matrix(values: Any, name: str) -> np.ndarray:
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Exact McNemar test of before -> after on the same items: `gained` items went 0 -> 1, `lost` 1 -> 0;
+    `p_value` is two-sided."""
+
+    n: int
+    gained: int
+    lost: int
+    p_value: float
+
+    def describe(self) -> str:
+        """'5 gained, 3 lost of 36 (exact McNemar p = 0.727)'."""
+        return f"{self.gained} gained, {self.lost} lost of {self.n} (exact McNemar p = {self.p_value:.3g})"
+
+
+def mcnemar_exact(before: Sequence[Any], after: Sequence[Any]) -> PairedTest:
+    """Exact two-sided McNemar (sign) test on paired 0/1 outcomes of the same items.
+
+    Only discordant items count: with b = gained (0 -> 1) and c = lost (1 -> 0), under the null hypothesis
+    (no change) b ~ Binomial(b + c, 1/2), and p = min(1, 2 P(X <= min(b, c))). No discordant item gives p = 1.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"mcnemar_exact: before has {len(before)} items and after has {len(after)}; "
+                         "they must be the same items, aligned")
+    pairs = []
+    for index, (x, y) in enumerate(zip(before, after)):
+        if x not in (0, 1) or y not in (0, 1):
+            raise ValueError(f"mcnemar_exact: item {index} has outcomes {x!r} -> {y!r}; expected 0/1 or booleans")
+        pairs.append((int(x), int(y)))
+    gained = sum(1 for x, y in pairs if (x, y) == (0, 1))
+    lost = sum(1 for x, y in pairs if (x, y) == (1, 0))
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2 ** discordant
+    return PairedTest(n=len(pairs), gained=gained, lost=lost, p_value=min(1.0, 2 * tail))

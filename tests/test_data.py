@@ -425,3 +425,21 @@ def test_real_science_eval_folder_loads():
     assert {e.answer for e in examples} == {"A", "B", "C", "D"}
     assert all([m["role"] for m in e.messages] == ["system", "user"] for e in examples)
     assert examples[0].demonstration == f"<answer>\n{examples[0].answer}\n</answer>"
+
+
+@pytest.mark.parametrize("module", ["make_toolcalls", "make_laptop"])
+def test_laptop_skill_files_are_what_their_generators_write(tmp_path, module):
+    """The shipped data of the laptop presets is what its generator writes; held-out and training rows share
+    no request."""
+    import importlib
+
+    generator = importlib.import_module(f"sdft.datasets.laptop.{module}")
+    generator.write(tmp_path)
+    shipped = Path(generator.__file__).parent / ("toolcalls" if module == "make_toolcalls" else "")
+    for name in generator.build():
+        assert (tmp_path / name).read_text() == (shipped / name).read_text(), name
+    train_name = next(name for name in generator.build() if name.endswith("train.jsonl"))
+    heldout_name = train_name.replace("train.jsonl", "heldout.jsonl")
+    train = {e.messages[-1]["content"] for e in load_jsonl_examples(tmp_path / train_name)}
+    heldout = {e.messages[-1]["content"] for e in load_jsonl_examples(tmp_path / heldout_name)}
+    assert train and heldout and not train & heldout

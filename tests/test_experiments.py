@@ -59,7 +59,14 @@ def _write_spec(tmp_path: Path, model_dir: str, kind: str) -> Path:
                 "seeds: [0, 1]\n"
                 "presets:\n  small: {methods: [topk, sft], notes: [small preset]}\n")
     else:
-        body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\n" + tasks +
+        facts = tmp_path / "facts"
+        facts.mkdir()
+        (facts / "tasks.jsonl").write_text("".join(json.dumps(
+            {"task_id": f"f{i}", "instruction": f"Say {word}.", "verifier": {"kind": "in_process", "fn_name": "contains",
+                                                                         "expected": [word]}}) + "\n"
+            for i, word in enumerate(["yes", "no", "maybe", "blue"])))
+        tasks += f"  facts: {{title: Facts, kind: tasks, test_path: {facts}, benchmark: {{max_new_tokens: 3}}}}\n"
+        body = ("name: cl\nstages: [tool, sci]\nlearning_rates: [1.0e-3]\nreference: sft\n" + tasks +
                 "methods:\n"
                 "  sft: {label: SFT, overrides: [algorithm=sft]}\n"
                 "  sdft_topk: {label: SDFT top-K, overrides: [objective.targets=topk, objective.topk.k=5]}\n"
@@ -218,11 +225,17 @@ def test_continual_end_to_end_exports_stage_one_and_reports_retention(tmp_path, 
     stage2 = (cells / "s2_sdft_topk_lr0.001_seed0" / "config.yaml").read_text()
     assert f"name: {export}" in stage2 and "kind: science" in stage2
     text = tables.read_text()
-    for needle in ("## Stage 1: train on Tool, evaluate both tasks", "## Stage 2: train on Sci",
-                   "| Method | LR | Tool | Sci | Sci Δ vs base |", "| Method | LR | Tool | Sci | Tool retention |",
+    for needle in ("## Stage 1: train on Tool, evaluate every task", "## Stage 2: train on Sci",
+                   "| Method | LR | Tool | Sci | Facts | Tool Δ vs base | Sci Δ vs base | Facts Δ vs base |",
+                   "| Method | LR | Tool | Sci | Facts | Tool retention |",
+                   "| Method | LR | Tool Δ stage 2 | Sci Δ stage 2 | Facts Δ stage 2 | Tool Δ vs base |",
+                   "## Paired difference vs SFT after stage 1", "## Paired difference vs SFT after stage 2",
+                   "| Method | LR | Δ Tool | Δ Sci | Δ Facts |", "Facts: " + str(tmp_path / "facts") + " (evaluated only)",
                    "| SDFT top-K | 0.001 |", "| Base model |", "| Method | LR | When | Tool (actions) |",
                    "| SFT | 0.001 | after stage 2 |"):
         assert needle in text, needle
+    facts = json.loads((cells / "s2_sdft_topk_lr0.001_seed0" / RESULT_FILE).read_text())["scores"]["facts"]
+    assert len(facts) == 4  # the evaluation-only task is scored in every cell
     assert (tables.parent / "stages.png").stat().st_size > 0
 
     # re-evaluation with longer science completions: every cell again, no step, the stage-1 export untouched
@@ -381,6 +394,7 @@ def test_ablation_on_the_offline_tinker_backend(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("spec_file, preset", [
     ("ablation_tooluse.yaml", "tiny"), ("ablation_tooluse.yaml", "paper"), ("ablation_tooluse.yaml", "cookbook"),
     ("continual_learning.yaml", "tiny"), ("continual_learning.yaml", "paper"),
+    ("ablation_tooluse.yaml", "laptop"), ("continual_learning.yaml", "laptop"),
 ])
 def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, preset):
     from sdft.experiments.ablation import ablation_cells
@@ -389,7 +403,9 @@ def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, p
 
     repo = Path(__file__).resolve().parents[1]
     spec = load_spec(repo / "configs" / spec_file, preset)
-    data = {name: TaskData(train=f"{name}/train", test=f"{name}/test", note="") for name in spec.tasks}
+    data = {name: TaskData(train=f"{name}/train" if task.trainable else None,
+                           test=None if task.kind == "lm_eval" else f"{name}/test", note="")
+            for name, task in spec.tasks.items()}
     if spec_file.startswith("ablation"):
         base, groups = ablation_cells(spec, data, tmp_path, methods=list(spec.methods), seeds=spec.seeds)
         cells = [base] + [c for group in groups.values() for c in group]
@@ -397,7 +413,8 @@ def test_shipped_specs_give_a_valid_config_for_every_cell(tmp_path, spec_file, p
         arms = [Arm(m, lr) for m in spec.methods for lr in learning_rates(spec)]
         base, first, second = continual_cells(spec, data, tmp_path, arms=arms, seeds=spec.seeds, stages=[1, 2])
         cells = [base, *first, *second]
-        assert all(c.config.data.kind == "science" and c.config.model.name.endswith("export") for c in second)
+        stage2 = spec.tasks[spec.extra["stages"][1]].kind
+        assert all(c.config.data.kind == stage2 and c.config.model.name.endswith("export") for c in second)
     for cell in cells:
         assert [b.name for b in cell.config.eval.benchmarks] == list(spec.tasks)
         assert cell.config.resume and cell.config.data.split == "none"
@@ -409,3 +426,42 @@ def test_a_changed_split_is_refused(tmp_path):
     moved = dataclasses.replace(task, split_seed=task.split_seed + 1, test_fraction=0.5)
     with pytest.raises(ValueError, match="holds a different split"):
         prepare_task(moved, tmp_path / "data")
+
+
+def test_presets_add_and_remove_tasks_and_evaluation_only_tasks_are_not_trained(tmp_path):
+    path = _write_spec(tmp_path, "unused", "ablation")
+    train, test = tmp_path / "t.jsonl", tmp_path / "h.jsonl"
+    for file in (train, test):
+        file.write_text(json.dumps({"inputs": {"question": "q"}, "expected": "a"}) + "\n")
+    path.write_text(path.read_text() + (
+        f"  own:\n    train_task: calls\n    tasks:\n      tool: null\n      sci: null\n"
+        f"      calls: {{title: Calls, kind: jsonl, train_path: {train}, test_path: {test}}}\n"
+        f"      facts: {{title: Facts, kind: tasks, test_path: {tmp_path}}}\n"
+        f"      hella: {{title: HellaSwag, kind: lm_eval, benchmark: {{task: hellaswag, metric: acc_norm}}}}\n"))
+    spec = load_spec(path, "own")
+    assert list(spec.tasks) == ["calls", "facts", "hella"] and spec.extra["train_task"] == "calls"
+    assert [t.trainable for t in spec.tasks.values()] == [True, False, False]
+    data = {name: prepare_task(task, tmp_path / "data") for name, task in spec.tasks.items()}
+    assert data["calls"].train == str(train) and data["facts"].train is None and data["hella"].test is None
+    from sdft.experiments.ablation import ablation_cells
+
+    base, groups = ablation_cells(spec, data, tmp_path, methods=["sft"], seeds=[0])
+    config = groups["sft"][0].config
+    assert config.data.kind == "jsonl" and config.data.path == str(train)
+    assert [(b.name, b.kind, b.path) for b in config.eval.benchmarks] == [
+        ("calls", "jsonl", str(test)), ("facts", "tasks", str(tmp_path)), ("hella", "lm_eval", None)]
+    assert config.eval.benchmarks[2].task == "hellaswag" and config.eval.benchmarks[2].metric == "acc_norm"
+    with pytest.raises(ValueError, match="train_task 'facts' is evaluated only .*can be trained on: \\['calls'\\]"):
+        ablation_cells(dataclasses.replace(spec, extra={"train_task": "facts"}), data, tmp_path, methods=["sft"],
+                       seeds=[0])
+    text = path.read_text()
+    for mutate, message in (
+            (lambda t: t.replace("      tool: null\n", "      tool2: {title: x}\n"),
+             r"presets.own.tasks.tool2 is not a task; .*a new task needs its 'kind'"),
+            (lambda t: t.replace("kind: tasks, test_path", "kind: tasks, train_path: x, test_path"),
+             r"tasks.facts'.*test_path alone"),
+            (lambda t: t.replace("benchmark: {task: hellaswag, metric: acc_norm}", "benchmark: {metric: acc}"),
+             r"tasks.hella.benchmark.task")):
+        path.write_text(mutate(text))
+        with pytest.raises(ValueError, match=message):
+            load_spec(path, "own")

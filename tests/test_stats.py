@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sdft.stats import bootstrap_mean_ci, paired_difference_ci, wilson_interval
+from sdft.stats import bootstrap_mean_ci, mcnemar_exact, paired_difference_ci, wilson_interval
 
 
 @pytest.mark.parametrize("successes,n,expected", [
@@ -116,3 +116,34 @@ def test_paired_difference_two_dim_and_errors():
         bootstrap_mean_ci([1.0], n_resamples=0)
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_mean_ci([1.0], confidence=0)
+
+
+def _two_sided_by_enumeration(gained: int, lost: int) -> float:
+    """Independent reference: the probability, under Binomial(b + c, 1/2), of every outcome whose probability
+    is at most that of the observed one (the two-sided exact test by definition), in exact fractions."""
+    from fractions import Fraction
+    from math import comb
+
+    n = gained + lost
+    probability = [Fraction(comb(n, k), 2 ** n) for k in range(n + 1)]
+    return float(sum(p for p in probability if p <= probability[gained]))
+
+
+@pytest.mark.parametrize("gained, lost", [(5, 3), (8, 0), (10, 2), (0, 0), (3, 3), (1, 12), (20, 11)])
+def test_mcnemar_exact_equals_the_enumerated_two_sided_binomial_test(gained, lost):
+    ties = [(1, 1)] * 4 + [(0, 0)] * 6
+    pairs = [(0, 1)] * gained + [(1, 0)] * lost + ties
+    result = mcnemar_exact([x for x, _ in pairs], [y for _, y in pairs])
+    assert (result.n, result.gained, result.lost) == (len(pairs), gained, lost)
+    assert result.p_value == pytest.approx(_two_sided_by_enumeration(gained, lost), abs=1e-12)
+
+
+def test_mcnemar_known_values_and_errors():
+    assert mcnemar_exact([0] * 8, [1] * 8).p_value == pytest.approx(2 / 256)       # 8 gained, none lost
+    assert mcnemar_exact([0] * 5 + [1] * 3, [1] * 5 + [0] * 3).p_value == pytest.approx(186 / 256)
+    assert mcnemar_exact([True, False], [True, False]).p_value == 1.0             # no discordant item
+    assert mcnemar_exact([0] * 8, [1] * 8).describe() == "8 gained, 0 lost of 8 (exact McNemar p = 0.00781)"
+    with pytest.raises(ValueError, match="same items"):
+        mcnemar_exact([0, 1], [1])
+    with pytest.raises(ValueError, match="item 1 has outcomes 2 -> 1"):
+        mcnemar_exact([0, 2], [1, 1])

@@ -58,6 +58,10 @@ def check_backend_config(config: "Config") -> None:
     if kind == "tinker" and not config.backend.tinker_base_model:
         raise ValueError("invalid config: backend.kind=tinker needs backend.tinker_base_model (the Tinker base "
                          "model name)")
+    lm_eval = [b.name for b in config.eval.benchmarks if b.kind == "lm_eval"]
+    if lm_eval and not limits.local_weights:
+        fail(f"eval.benchmarks {lm_eval} of kind lm_eval: the harness scores a model held in this process; "
+             "remove them, or evaluate with backend.kind=local")
     if kind != "local" and config.generation.engine != "native":
         fail(f"generation.engine={config.generation.engine}: only the local backend decodes with it; allowed: "
              "generation.engine=native")
@@ -103,6 +107,11 @@ def build_backend(config: "Config", *, steps: int, parallel=None, device=None,
     if LIMITS[kind].single_process and parallel.world_size > 1:
         raise ValueError(f"backend.kind={kind} runs in one process ({kind} batches the work itself); got "
                          f"{parallel.world_size} processes: launch scripts/train.py without accelerate")
+    lm_eval = [b.name for b in config.eval.benchmarks if b.kind == "lm_eval"]
+    if lm_eval and parallel.world_size > 1:
+        raise ValueError(f"eval.benchmarks {lm_eval} of kind lm_eval run the harness on a whole model in one "
+                         f"process; got {parallel.world_size} processes: evaluate the run afterwards with "
+                         "`sdft evaluate --run RUN` in one process, or remove them")
     if kind == "local":
         from sdft.backends.local import LocalBackend
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from sdft.experiments.cells import Cell, CellResult, run_cells
 from sdft.experiments.configs import cell_config
 from sdft.experiments.rescore import rescore_cells, secondary_columns
-from sdft.experiments.spec import ExperimentSpec
+from sdft.experiments.spec import ExperimentSpec, require_trainable
 from sdft.experiments.splits import TaskData, prepare_task
 from sdft.experiments.tables import bar_chart, difference_ci, fmt, markdown_table, mean_ci, per_seed
 from sdft.io import atomic_write_text
@@ -139,6 +139,5 @@ def write_ablation_report(spec: ExperimentSpec, root: Path, *, base: CellResult,
 
 def _train_task(spec: ExperimentSpec) -> str:
     train_task = spec.extra.get("train_task", next(iter(spec.tasks)))
-    if train_task not in spec.tasks:
-        raise ValueError(f"{spec.source}: train_task {train_task!r} is not a task; allowed: {sorted(spec.tasks)}")
+    require_trainable(spec, train_task, "train_task")
     return train_task

@@ -7,14 +7,15 @@ from typing import Mapping, Sequence
 import yaml
 
 from sdft.config import Config, load_config
-from sdft.experiments.spec import ExperimentSpec
+from sdft.experiments.spec import ExperimentSpec, require_trainable
 from sdft.experiments.splits import TaskData
 
 
 def benchmarks_override(spec: ExperimentSpec, data: Mapping[str, TaskData]) -> str:
-    """eval.benchmarks = one entry per task, on that task's test part, in the order of spec.tasks."""
-    entries = [{"name": name, "kind": task.kind, "path": data[name].test, **task.benchmark}
-               for name, task in spec.tasks.items()]
+    """eval.benchmarks = one entry per task, on that task's test part, in the order of spec.tasks (kind
+    lm_eval: the harness task of its benchmark fields)."""
+    entries = [{"name": name, "kind": task.kind, **({} if data[name].test is None else {"path": data[name].test}),
+                **task.benchmark} for name, task in spec.tasks.items()]
     return "eval.benchmarks=" + yaml.safe_dump(entries, default_flow_style=True, width=10**6).strip()
 
 
@@ -26,9 +27,7 @@ def cell_config(spec: ExperimentSpec, *, folder: str | Path, run_name: str, trai
     Override order (later wins): spec.overrides (with the preset's), `overrides` (method, lr, model),
     then the cell's own fields: seed, run folder, resume=true, data source, benchmarks.
     """
-    if train_task not in spec.tasks:
-        raise ValueError(f"{spec.source}: train task {train_task!r} is not a task; allowed: {sorted(spec.tasks)}")
-    task = spec.tasks[train_task]
+    task = require_trainable(spec, train_task, "train task")
     cell_fields = [
         f"seed={seed}", f"run_name={run_name}", f"output_dir={folder}", "resume=true",
         f"data.kind={task.kind}", f"data.path={data[train_task].train}", "data.split=none",

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from sdft.experiments.cells import Cell, CellResult, run_cells
 from sdft.experiments.configs import cell_config
 from sdft.experiments.rescore import rescore_cells, secondary_columns
-from sdft.experiments.spec import ExperimentSpec
+from sdft.experiments.spec import ExperimentSpec, require_trainable
 from sdft.experiments.splits import TaskData, prepare_task
 from sdft.experiments.tables import difference_ci, fmt, markdown_table, mean_ci, ratio_ci, stage_plot
 from sdft.io import atomic_write_text
@@ -44,6 +44,8 @@ def stage_tasks(spec: ExperimentSpec) -> list[str]:
     if not (isinstance(stages, list) and len(stages) == 2 and all(s in spec.tasks for s in stages)):
         raise ValueError(f"{spec.source}: key 'stages' must list the two tasks trained in stage 1 and 2, "
                          f"from {sorted(spec.tasks)}; got {stages!r}")
+    for stage in stages:
+        require_trainable(spec, stage, "stages entry")
     return stages
 
 
@@ -114,9 +116,18 @@ def run_continual(spec: ExperimentSpec, *, results_dir: str | Path = "results", 
 def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult, arms: Sequence[Arm],
                            seeds: Sequence[int], results: dict[str, CellResult], data: dict[str, TaskData],
                            command: str = "") -> Path:
+    """tables.md and stages.png. Columns: the two stage tasks, then every other task of the spec (evaluated
+    only: prior abilities). Stage 1: accuracy and change vs the base model; stage 2: accuracy, task-A
+    retention (stage 2 / stage 1) and change vs stage 1 and vs base; with `reference` (a method), the
+    paired difference of every other method from it at the same learning rate and seeds."""
     task_a, task_b = stage_tasks(spec)
     title_a, title_b = spec.tasks[task_a].title, spec.tasks[task_b].title
-    titles = {task_a: title_a, task_b: title_b}
+    others = [t for t in spec.tasks if t not in (task_a, task_b)]
+    titles = {t: spec.tasks[t].title for t in [task_a, task_b, *others]}
+    columns = list(titles)
+    reference = spec.extra.get("reference")
+    if reference is not None and reference not in spec.methods:
+        raise ValueError(f"{spec.source}: reference {reference!r} is not a method; allowed: {sorted(spec.methods)}")
 
     def cells(stage: int, arm: Arm) -> list[CellResult] | None:
         found = [results.get(f"s{stage}_{arm.key}_seed{s}") for s in seeds]
@@ -132,31 +143,54 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
         rescored = rescore_cells(spec, root / "cells", group)
         return {**{t: mean_ci(group, t) for t in titles}, **{k: mean_ci(rescored, k) for k in extra}}
 
+    def signed(group, other, task) -> str:
+        return fmt(difference_ci(group, other, task), signed=True)
+
     # points[arm] = intervals at base, after stage 1 and (when run) after stage 2
     base_point = point([base])
     points = {arm: [base_point] + [point(g) for g in (cells(1, arm), cells(2, arm)) if g is not None] for arm in arms}
-    rows1 = [["Base model", "", fmt(points[arms[0]][0][task_a]), fmt(points[arms[0]][0][task_b]), ""]]
+    rows1 = [["Base model", ""] + [fmt(base_point[t]) for t in columns] + [""] * len(columns)]
     for arm in arms:
-        rows1.append([label(arm), f"{arm.lr:g}", fmt(points[arm][1][task_a]), fmt(points[arm][1][task_b]),
-                      fmt(difference_ci(cells(1, arm), [base], task_b), signed=True)])
+        rows1.append([label(arm), f"{arm.lr:g}"] + [fmt(points[arm][1][t]) for t in columns]
+                     + [signed(cells(1, arm), [base], t) for t in columns])
     lines = [f"# Continual learning {spec.name}" + (f" (preset {spec.preset})" if spec.preset else ""), "",
              f"Stage 1 trains on {title_a} from the base model; stage 2 trains on {title_b} from each stage-1 model. "
-             f"Both tasks are evaluated after every stage. {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
+             f"Every task is evaluated after every stage. {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
              "pass@1 in percent with 95% intervals (bootstrap over seeds and items; differences and retention "
-             "paired over the same items).", ""]
+             "paired over the same items and seeds).", ""]
     lines += [f"- {note}" for note in spec.notes + [d.note for d in data.values()]]
-    lines += ["", f"## Stage 1: train on {title_a}, evaluate both tasks", "",
-              markdown_table(["Method", "LR", title_a, title_b, f"{title_b} Δ vs base"], rows1)]
+    lines += ["", f"## Stage 1: train on {title_a}, evaluate every task", "",
+              markdown_table(["Method", "LR"] + [titles[t] for t in columns]
+                             + [f"{titles[t]} Δ vs base" for t in columns], rows1)]
     staged = [arm for arm in arms if len(points[arm]) == 3]
     if staged:
-        rows2 = []
+        rows2, changes = [], []
         for arm in staged:
             retention = ratio_ci(cells(2, arm), cells(1, arm), task_a)  # NaN when stage-1 accuracy is 0
-            rows2.append([label(arm), f"{arm.lr:g}", fmt(points[arm][2][task_a]), fmt(points[arm][2][task_b]),
-                          f"n/a (stage-1 {title_a} is 0)" if math.isnan(retention[0]) else fmt(retention) + " %"])
-        lines += ["", f"## Stage 2: train on {title_b} from the stage-1 model, evaluate both tasks", "",
-                  markdown_table(["Method", "LR", title_a, title_b, f"{title_a} retention"], rows2),
-                  "", f"Retention = stage-2 {title_a} accuracy / stage-1 {title_a} accuracy (100% = nothing lost)."]
+            rows2.append([label(arm), f"{arm.lr:g}"] + [fmt(points[arm][2][t]) for t in columns]
+                         + [f"n/a (stage-1 {title_a} is 0)" if math.isnan(retention[0]) else fmt(retention) + " %"])
+            changes.append([label(arm), f"{arm.lr:g}"] + [signed(cells(2, arm), cells(1, arm), t) for t in columns]
+                           + [signed(cells(2, arm), [base], t) for t in columns])
+        lines += ["", f"## Stage 2: train on {title_b} from the stage-1 model, evaluate every task", "",
+                  markdown_table(["Method", "LR"] + [titles[t] for t in columns] + [f"{title_a} retention"], rows2),
+                  "", f"Retention = stage-2 {title_a} accuracy / stage-1 {title_a} accuracy (100% = nothing lost).",
+                  "", "Change during stage 2 and since the base model (points, paired 95% CI):", "",
+                  markdown_table(["Method", "LR"] + [f"{titles[t]} Δ stage 2" for t in columns]
+                                 + [f"{titles[t]} Δ vs base" for t in columns], changes)]
+    if reference is not None:
+        ref_label = str(spec.methods[reference].get("label", reference))
+        for stage in (1, 2):
+            rows = []
+            for arm in arms:
+                ref = Arm(reference, arm.lr)
+                mine, theirs = cells(stage, arm), cells(stage, ref) if ref in arms else None
+                if arm.method == reference or mine is None or theirs is None:
+                    continue
+                rows.append([label(arm), f"{arm.lr:g}"] + [signed(mine, theirs, t) for t in columns])
+            if rows:
+                lines += ["", f"## Paired difference vs {ref_label} after stage {stage} (points, same learning rate, "
+                              "seeds and items, 95% CI)", "",
+                          markdown_table(["Method", "LR"] + [f"Δ {titles[t]}" for t in columns], rows)]
     if extra:
         rows = [["Base model", "", "base"] + [fmt(points[arms[0]][0][k]) for k in extra]]
         for stage in (1, 2):
@@ -171,6 +205,11 @@ def write_continual_report(spec: ExperimentSpec, root: Path, *, base: CellResult
     lines += ["", "## Settings", "",
               "- items per task: " + ", ".join(f"{titles[t]} {len(base.scores[t])}" for t in titles),
               f"- base run config: {spec.config}; experiment spec: {spec.source}; cells: {root / 'cells'}"]
+    timed = [r for r in results.values() if r.name != "base"]
+    if timed:
+        lines.append("- training time per cell (with its evaluation): " + ", ".join(
+            f"stage {stage} {sum(r.wall_s for r in group) / len(group) / 60:.1f} min" for stage in (1, 2)
+            if (group := [r for r in timed if r.meta.get("stage") == stage])))
     if command:
         lines.append(f"- command: `{command}`")
     lines += ["", "![accuracy across stages](stages.png)", ""]

@@ -7,16 +7,27 @@ Shared layout of `configs/ablation_*.yaml` and `configs/continual_learning.yaml`
     tasks:                                 # every task is trained on and/or evaluated; evaluation order = this order
       tooluse: {title: Tool-use, kind: tooluse, path: ..., split: api, test_fraction: 0.3, split_seed: 0,
                 benchmark: {max_new_tokens: 1024, tooluse_mode: strict}}
+      toolcalls: {title: Tool calls, kind: jsonl, train_path: package:laptop/toolcalls/train.jsonl,
+                  test_path: package:laptop/toolcalls/heldout.jsonl}
+      facts: {title: Facts, kind: tasks, test_path: package:laptop/facts}        # evaluated only
+      hellaswag: {title: HellaSwag, kind: lm_eval, benchmark: {task: hellaswag, metric: acc_norm}}
     methods:                               # name -> fields; `overrides` are key=value run-config overrides
       full_ema: {overrides: [objective.targets=full, teacher.mode=ema], kl: Full-vocab, ema: "yes"}
     seeds: [0, 1, 2]
     overrides: [...]                       # applied to every cell
     presets:                               # named variants; a preset may replace seeds/methods/tasks fields
       tiny: {overrides: [...], seeds: [0, 1], tasks: {tooluse: {benchmark: {max_items: 26}}}, notes: [...]}
+      laptop: {tasks: {tooluse: null, facts: {kind: tasks, ...}}}   # null removes a task, a `kind` adds one
     default_preset: tiny
 
-Paths are relative to the working directory, as in run configs. Errors name the file and the key; an
-unknown key (top level, task entry or preset field) is an error with the closest allowed key.
+Task kinds: `tooluse` and `science` (the official folders), `jsonl` (PromptExample JSONL files, scored by
+each row's task: tool calls or the `contains` verifier), and the evaluation-only kinds `tasks` (an evsys
+benchmark folder) and `lm_eval` (an lm-evaluation-harness task, `benchmark.task`). A `jsonl` task without
+`train_path` is evaluated only too; only tasks with a train part can be trained on.
+
+Paths are relative to the working directory, as in run configs (`package:` names data shipped with sdft).
+Errors name the file and the key; an unknown key (top level, task entry or preset field) is an error with
+the closest allowed key.
 """
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ import yaml
 
 from sdft.verifiers import MCQ_MODES, TOOLUSE_MODES
 
-TASK_KINDS = ("tooluse", "science")
+TASK_KINDS = ("tooluse", "science", "jsonl", "tasks", "lm_eval")
+EVAL_ONLY_KINDS = ("tasks", "lm_eval")   # never trained on
 SPLITS = ("api", "random")
 _TASK_KEYS = ("title", "kind", "path", "split", "test_fraction", "split_seed", "train_path", "test_path",
               "benchmark", "also_score")
@@ -46,7 +58,8 @@ class TaskSpec:
     """One task: where its train and test parts come from and how it is evaluated.
 
     Either `path` + `split` (the experiment splits the folder itself, by API name or at random with
-    `split_seed`) or `train_path` + `test_path` (official train folder and an evaluation folder).
+    `split_seed`) or `train_path` + `test_path` (official train folder and an evaluation folder); an
+    evaluation-only task has `test_path` alone (kind lm_eval: no path, `benchmark.task` names it).
     `benchmark`: fields of the run config's eval.benchmarks entry (max_new_tokens, max_items, modes).
     `also_score`: other scorer modes applied to the saved predictions (secondary columns).
     """
@@ -62,6 +75,11 @@ class TaskSpec:
     test_path: str | None = None
     benchmark: dict = field(default_factory=dict)
     also_score: tuple[str, ...] = ()
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the task has a train part (a split folder or a train_path)."""
+        return self.path is not None or self.train_path is not None
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,8 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
     presets = raw.pop("presets", {}) or {}
     _expect(isinstance(presets, dict), where, "presets", "a mapping of preset name -> fields")
     default_preset = raw.pop("default_preset", None)
-    preset_fields = sorted({"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw) - {"name"})
+    preset_fields = sorted({"overrides", "seeds", "methods", "tasks", "notes", "config"} | set(raw)
+                           | set(EXPERIMENT_KEYS) - {"name"})
     for preset_name, body in presets.items():   # every preset, so that a typo in an unused one shows too
         _expect(isinstance(body or {}, dict), where, f"presets.{preset_name}", "a mapping")
         _refuse_unknown(body or {}, preset_fields, where, f"presets.{preset_name}.")
@@ -138,6 +157,17 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
                           seeds=list(seeds), overrides=list(overrides), notes=notes, extra=raw)
 
 
+def require_trainable(spec: ExperimentSpec, task: str, key: str) -> TaskSpec:
+    """The task named by spec key `key` (train_task, stages), which must exist and have a train part."""
+    if task not in spec.tasks:
+        raise ValueError(f"{spec.source}: {key} {task!r} is not a task; allowed: {sorted(spec.tasks)}")
+    if not spec.tasks[task].trainable:
+        allowed = sorted(name for name, t in spec.tasks.items() if t.trainable)
+        raise ValueError(f"{spec.source}: {key} {task!r} is evaluated only (kind {spec.tasks[task].kind}, no train "
+                         f"part); tasks that can be trained on: {allowed}")
+    return spec.tasks[task]
+
+
 def select(spec: ExperimentSpec, key: str, chosen: list[str] | None, allowed: list[str]) -> list[str]:
     """Names chosen on the command line (None: all allowed), checked against `allowed`."""
     if chosen is None:
@@ -164,10 +194,15 @@ def _apply_preset(raw: dict, body: Mapping[str, Any], where: str, preset: str) -
         elif key == "tasks":
             _expect(isinstance(value, dict), where, f"presets.{preset}.tasks", "a mapping of task -> fields")
             for task, fields in value.items():
-                if task not in out.get("tasks", {}):
-                    raise ValueError(f"{where}: presets.{preset}.tasks.{task} is not a task; "
-                                     f"allowed: {sorted(out.get('tasks', {}))}")
-                out["tasks"][task] = _deep_merge(out["tasks"][task], fields)
+                if fields is None:      # `task: null` removes a task
+                    out.get("tasks", {}).pop(task, None)
+                elif task in out.get("tasks", {}):
+                    out["tasks"][task] = _deep_merge(out["tasks"][task], fields)
+                elif isinstance(fields, dict) and "kind" in fields:   # a whole new task
+                    out.setdefault("tasks", {})[task] = copy.deepcopy(fields)
+                else:
+                    raise ValueError(f"{where}: presets.{preset}.tasks.{task} is not a task; allowed: "
+                                     f"{sorted(out.get('tasks', {}))} (a new task needs its 'kind'; null removes one)")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -180,10 +215,25 @@ def _parse_tasks(tasks: Any, where: str) -> dict[str, TaskSpec]:
         key = f"tasks.{name}"
         _expect(isinstance(body, dict), where, key, "a mapping")
         _refuse_unknown(body, _TASK_KEYS, where, f"{key}.")
-        _expect(body.get("kind") in TASK_KINDS, where, f"{key}.kind", f"one of {list(TASK_KINDS)}")
+        kind = body.get("kind")
+        _expect(kind in TASK_KINDS, where, f"{key}.kind", f"one of {list(TASK_KINDS)}")
         has_split = body.get("path") is not None
-        has_pair = body.get("train_path") is not None and body.get("test_path") is not None
-        _expect(has_split != has_pair, where, key, "either path + split, or train_path + test_path")
+        has_train, has_test = body.get("train_path") is not None, body.get("test_path") is not None
+        if kind == "lm_eval":
+            _expect(not (has_split or has_train or has_test), where, key,
+                    "no path, train_path or test_path for kind lm_eval (benchmark.task names the task, "
+                    "benchmark.path an optional folder of task YAMLs)")
+            _expect(bool((body.get("benchmark") or {}).get("task")), where, f"{key}.benchmark.task",
+                    "the lm-evaluation-harness task name (kind lm_eval)")
+        elif kind == "tasks":
+            _expect(has_test and not (has_split or has_train), where, key,
+                    "test_path alone (an evsys benchmark folder) for kind tasks")
+        elif kind == "jsonl":
+            _expect(has_test and not has_split, where, key,
+                    "test_path (a JSONL file), and train_path when the task is trained on, for kind jsonl")
+        else:
+            _expect(has_split != (has_train and has_test), where, key,
+                    "either path + split, or train_path + test_path")
         if has_split:
             _expect(body.get("split") in SPLITS, where, f"{key}.split", f"one of {list(SPLITS)}")
         fraction = body.get("test_fraction", 0.3)
@@ -192,10 +242,10 @@ def _parse_tasks(tasks: Any, where: str) -> dict[str, TaskSpec]:
         benchmark = body.get("benchmark", {}) or {}
         _expect(isinstance(benchmark, dict), where, f"{key}.benchmark", "a mapping of eval.benchmarks fields")
         also = body.get("also_score", []) or []
-        allowed_modes = _ALSO_SCORE[body["kind"]]
+        allowed_modes = _ALSO_SCORE.get(kind, ())
         _expect(isinstance(also, list) and all(m in allowed_modes for m in also), where, f"{key}.also_score",
                 f"a list of scorer modes from {list(allowed_modes)}")
-        out[name] = TaskSpec(name=name, title=str(body.get("title", name)), kind=body["kind"], path=body.get("path"),
+        out[name] = TaskSpec(name=name, title=str(body.get("title", name)), kind=kind, path=body.get("path"),
                              split=body.get("split"), test_fraction=float(fraction),
                              split_seed=int(body.get("split_seed", 0)), train_path=body.get("train_path"),
                              test_path=body.get("test_path"), benchmark=dict(benchmark), also_score=tuple(also))

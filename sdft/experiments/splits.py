@@ -20,21 +20,30 @@ from sdft.io import atomic_write_json, fsync_dir
 
 @dataclass(frozen=True)
 class TaskData:
-    """Folders of one task's parts and a line that says how they were made."""
+    """Where one task's parts are (train None: evaluated only; test None: kind lm_eval, named by its
+    benchmark.task) and a line that says how they were made."""
 
-    train: str
-    test: str
+    train: str | None
+    test: str | None
     note: str
 
 
 def prepare_task(task: TaskSpec, root: str | os.PathLike) -> TaskData:
     """Return the task's train/test folders, writing them under root/<task> the first time."""
-    if task.train_path is not None:
-        for key, value in (("train_path", task.train_path), ("test_path", task.test_path)):
-            if not Path(value).exists():
+    from sdft.build import resolve_path
+
+    if task.kind == "lm_eval":
+        return TaskData(train=None, test=None, note=f"{task.title}: lm-evaluation-harness task "
+                                                    f"{task.benchmark['task']!r} (evaluated only)")
+    if task.path is None:
+        given = [(key, value) for key, value in (("train_path", task.train_path), ("test_path", task.test_path))
+                 if value is not None]
+        for key, value in given:
+            if not resolve_path(value).exists():
                 raise FileNotFoundError(f"task {task.name!r}: {key} {value!r} does not exist")
-        return TaskData(train=task.train_path, test=task.test_path,
-                        note=f"{task.title}: trained on {task.train_path}, evaluated on {task.test_path}")
+        note = (f"{task.title}: trained on {task.train_path}, evaluated on {task.test_path}" if task.train_path
+                else f"{task.title}: {task.test_path} (evaluated only)")
+        return TaskData(train=task.train_path, test=task.test_path, note=note)
     source = Path(task.path)
     if not source.exists():
         raise FileNotFoundError(f"task {task.name!r}: path {task.path!r} does not exist")

@@ -1,0 +1,102 @@
+"""Build the second skill of the laptop experiments (stage 2 of continual learning), deterministically.
+
+Skill: extracting a person and a city from a sentence into a fixed JSON object::
+
+    Extract the person and the city as JSON: Noah lives in Jakarta.
+    {"name": "Noah", "city": "Jakarta"}
+
+Like the tool calls (stage 1, `sdft/datasets/laptop/toolcalls`), it needs no knowledge beyond the
+prompt, so SmolLM2-135M can do it when shown examples, while asked directly it invents its own keys or
+answers in prose. The held-out rows use names, cities and a sentence pattern that no training row uses.
+The prior abilities watched for forgetting are the quickstart's retention set (capitals, languages,
+simple facts).
+
+Files written next to this script, in folder `extract/`:
+- train.jsonl, heldout.jsonl: PromptExample rows {"id", "inputs": {"question"}, "expected": [the JSON
+  object, also without spaces] (verifier contains), "demonstration"};
+- heldout/tasks.jsonl: the held-out rows as an evsys benchmark.
+
+    python -m sdft.datasets.laptop.make_laptop            # (re)write the files
+    python -m sdft.datasets.laptop.make_laptop --measure  # + student / teacher / few-shot scores of the base model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 4321
+N_TRAIN = 96
+N_HELDOUT = 48
+PROMPT = "Extract the person and the city as JSON: {sentence}"
+
+_NAMES = ("Anna", "Tom", "Mia", "Leo", "Sara", "Omar", "Lucas", "Emma", "Raj", "Olga", "Pedro", "Chen", "Aisha",
+          "Ivan", "Noah", "Elena", "Kenji", "Sofia", "Liam", "Maria", "Ben", "Nina", "Hugo", "Zoe", "Adam", "Lena",
+          "Max", "Ida", "Sam", "Eva", "Finn", "Rosa", "Jan", "Lea", "Tim", "Amy", "Paul", "Iris", "Dan", "Maya")
+_CITIES = ("Rome", "Osaka", "Boston", "Lisbon", "Cairo", "Madrid", "Berlin", "Lagos", "Paris", "Moscow", "Shanghai",
+           "Sydney", "Mumbai", "Kyiv", "Lima", "Oslo", "Jakarta", "Perth", "Quito", "Vienna", "Prague", "Milan",
+           "Porto", "Delhi", "Hanoi", "Accra", "Zurich", "Munich", "Athens", "Havana", "Dakar", "Kyoto",
+           "Toronto", "Warsaw", "Bergen", "Geneva", "Seattle", "Chicago", "Manila", "Riga")
+# sentence patterns; the last one is held out
+PATTERNS = ("{name} moved to {city} last year.", "{name} lives in {city}.", "{name} was born in {city}.",
+            "{name} works in {city}.", "Last summer {name} visited {city}.", "{name} studied in {city}.",
+            "In {city}, {name} opened a small bakery.")
+
+
+def answer(name: str, city: str) -> str:
+    return json.dumps({"name": name, "city": city})
+
+
+def _rows(part: str, n: int, names: list, cities: list, patterns: tuple, rng: random.Random) -> list[dict]:
+    rows, seen = [], set()
+    while len(rows) < n:
+        name, city = rng.choice(names), rng.choice(cities)
+        sentence = rng.choice(patterns).format(name=name, city=city)
+        if sentence in seen:
+            continue
+        seen.add(sentence)
+        gold = answer(name, city)
+        rows.append({"id": f"{part}/{len(rows)}", "inputs": {"question": PROMPT.format(sentence=sentence)},
+                     "expected": [gold, gold.replace(" ", "")], "demonstration": gold})
+    return rows
+
+
+def build() -> dict[str, list[dict]]:
+    """All rows, keyed by the file they go to (relative to this folder)."""
+    rng = random.Random(SEED)
+    names, cities = list(_NAMES), list(_CITIES)
+    rng.shuffle(names)
+    rng.shuffle(cities)
+    train = _rows("train", N_TRAIN, names[:24], cities[:24], PATTERNS[:-1], rng)
+    heldout = _rows("heldout", N_HELDOUT, names[24:], cities[24:], PATTERNS, rng)
+    tasks = [{"task_id": row["id"], "instruction": row["inputs"]["question"],
+              "verifier": {"kind": "in_process", "fn_name": "contains", "expected": row["expected"]}}
+             for row in heldout]
+    return {"extract/train.jsonl": train, "extract/heldout.jsonl": heldout, "extract/heldout/tasks.jsonl": tasks}
+
+
+def write(folder: Path = HERE) -> None:
+    from sdft.io import atomic_write_jsonl
+
+    for name, rows in build().items():
+        atomic_write_jsonl(folder / name, rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    write()
+    print("wrote", ", ".join(f"{name}: {len(rows)} rows" for name, rows in build().items()))
+    if args.measure:
+        from sdft.datasets.measure import measure_skill, print_report
+
+        print_report(measure_skill(HERE / "extract" / "train.jsonl", HERE / "extract" / "heldout.jsonl",
+                                   max_new_tokens=args.max_new_tokens))
+
+
+if __name__ == "__main__":
+    main()
