@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from sdft.backends import LIMITS
 from sdft.io import atomic_write_text, fsync_dir
 
 __all__ = ["FORMATS", "export_run", "export_student", "model_card", "run_scores"]
@@ -58,10 +59,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, format
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        if config.backend.kind == "tinker":
-            base = _export_tinker(run_dir, config, checkpoint_path, format, staging)
-        else:
+        if LIMITS[config.backend.kind].local_weights:
             base = _export_local(run_dir, config, checkpoint_path, format, staging, device)
+        else:  # the adapter lives with the service: downloaded through its SDK
+            base = _export_tinker(run_dir, config, checkpoint_path, format, staging)
         step = _checkpoint_step(checkpoint_path)
         atomic_write_text(staging / CARD, model_card(config, format=format, base_model=base, step=step,
                                                      scores=run_scores(run_dir, step)))
@@ -277,7 +278,7 @@ def model_card(config, *, format: str, base_model: str, step: int, scores: dict[
                   f"`{config.objective.targets}`, reduction `{config.objective.reduction}`.")
     else:
         method = "Supervised fine-tuning on the demonstrations (the SFT baseline of sdft), cross-entropy."
-    where = "the Tinker API" if config.backend.kind == "tinker" else "a local Hugging Face model"
+    where = LIMITS[config.backend.kind].trained_on
     student = "LoRA" if config.student.mode == "lora" else "full fine-tuning"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip("\n"), "---", "",
              f"# {config.run_name}", "",

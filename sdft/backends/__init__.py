@@ -31,16 +31,17 @@ class BackendLimits:
     temperature_one_only: bool
     single_process: bool
     local_weights: bool                # the student's weights live on this machine
+    trained_on: str                    # where the student is trained, in words (model cards)
     why: str = ""
 
 
 LIMITS = {
     "local": BackendLimits(teacher_outputs=("hidden", "topk", "logprobs"), teacher_modes=("static", "ema", "sync"),
                            student_modes=("lora", "full"), temperature_one_only=False, single_process=False,
-                           local_weights=True),
+                           local_weights=True, trained_on="a local Hugging Face model"),
     "tinker": BackendLimits(teacher_outputs=("topk", "logprobs"), teacher_modes=("static", "sync"),
                             student_modes=("lora",), temperature_one_only=True, single_process=True,
-                            local_weights=False, why="Tinker trains LoRA adapters, exposes top-K log-probs at "
+                            local_weights=False, trained_on="the Tinker API", why="Tinker trains LoRA adapters, exposes top-K log-probs at "
                                                      "temperature 1 and cannot average weights"),
 }
 
