@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -310,16 +311,18 @@ def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
     if parallel is None or parallel.mode == "single":
         return _newest_intact(run_dir, lambda folder: load_checkpoint(folder, weights_only=weights_only,
                                                                       objects=objects, like=like))
-    chosen, outcome = None, None
+    chosen = outcome = failure = None
     if parallel.is_main:
         try:
             chosen, damaged = _newest_intact(run_dir, lambda folder: _verify_or_load(folder, weights_only, objects))
             outcome = {"path": None if chosen is None else str(chosen.path), "damaged": damaged, "error": None}
-        except CheckpointError as error:  # every process must stop with it
-            outcome = {"error": str(error)}
+        except Exception as error:  # every process must stop with it
+            failure, outcome = error, {"error": str(error)}
     outcome = parallel.gather(outcome)[0]
+    if failure is not None:
+        raise failure
     if outcome["error"] is not None:
-        raise CheckpointError(outcome["error"])
+        raise CheckpointError(f"the main process found no checkpoint to resume from: {outcome['error']}")
     if outcome["path"] is None:
         return None, outcome["damaged"]
     if chosen is not None and chosen.tensors is not None:  # the main process loaded it already (whole files)
@@ -489,7 +492,9 @@ def _dcp_load(folder: Path, state: dict, *, reader, weights_only: bool, no_dist:
                       torch.load(value, map_location="cpu", weights_only=weights_only))
 
     try:
-        dcp.load(state, storage_reader=reader, planner=Planner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # (no_dist: DCP warns that it reads in one process, as asked)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, planner=Planner(), no_dist=no_dist)
     except BaseException as error:
         if not isinstance(error, Exception) and not getattr(error, "failures", None):
             raise

@@ -206,3 +206,22 @@ def test_kill_9_in_an_fsdp2_run_then_resume_equals_the_uninterrupted_run(tmp_pat
         load_checkpoint(shard.parents[1])
     loaded, damaged = load_latest_intact(tmp_path / "runs" / "killed")
     assert loaded.path.name == "step_00000003" and len(damaged) == 1 and "__1_0.distcp: checksum mismatch" in damaged[0]
+
+    # a run that is not sharded cannot take it over; one FSDP2 process can: DCP reshards the two-process
+    # checkpoint, and step 4 is the same
+    with pytest.raises(ValueError, match="written sharded by an FSDP2 run of 2 processes; continue it as an FSDP2 run"):
+        load_checkpoint(loaded.path, like=lambda: ({"student": {"w": torch.zeros(2)}}, {}))
+    alone = command_of("fsdp2.yaml", args + ["resume=true"], "killed")
+    alone[alone.index("--num_processes") + 1] = "1"
+    resumed = subprocess.run(alone, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "damaged checkpoint skipped" in resumed.stderr and "resumed from step_00000003" in resumed.stderr
+    rows = train_rows(tmp_path, "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train/loss", "train/kl", "train/grad_norm", "train/loss_tokens"):
+        assert rows[3]["metrics"][key] == pytest.approx(a[3]["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert_sharded_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed"), world_size=1)
+    alone_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed")).tensors
+    for group in ("student", "teacher"):
+        for name in one[group]:
+            torch.testing.assert_close(alone_state[group][name], one[group][name], rtol=1e-3, atol=2e-5)
