@@ -315,7 +315,8 @@ def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
     if parallel.is_main:
         try:
             chosen, damaged = _newest_intact(run_dir, lambda folder: _verify_or_load(folder, weights_only, objects))
-            outcome = {"path": None if chosen is None else str(chosen.path), "damaged": damaged, "error": None}
+            where = chosen.path if isinstance(chosen, Checkpoint) else chosen
+            outcome = {"path": None if where is None else str(where), "damaged": damaged, "error": None}
         except Exception as error:  # every process must stop with it
             failure, outcome = error, {"error": str(error)}
     outcome = parallel.gather(outcome)[0]
@@ -325,7 +326,7 @@ def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
         raise CheckpointError(f"the main process found no checkpoint to resume from: {outcome['error']}")
     if outcome["path"] is None:
         return None, outcome["damaged"]
-    if chosen is not None and chosen.tensors is not None:  # the main process loaded it already (whole files)
+    if isinstance(chosen, Checkpoint):  # the main process loaded it already (whole files)
         return chosen, outcome["damaged"]
     path = Path(outcome["path"])
     sharded = _read_state(path).get("sharded") is not None
@@ -339,7 +340,7 @@ def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
     return loaded, outcome["damaged"]
 
 
-def _newest_intact(run_dir: str | os.PathLike, load) -> tuple[Checkpoint | None, list[str]]:
+def _newest_intact(run_dir: str | os.PathLike, load) -> tuple[Any, list[str]]:
     """`load(folder)` of the newest checkpoint folder for which it raises no CheckpointError (see
     `load_latest_intact`), and the errors of the folders skipped."""
     root = Path(run_dir) / "checkpoints"
@@ -360,14 +361,14 @@ def _newest_intact(run_dir: str | os.PathLike, load) -> tuple[Checkpoint | None,
     return None, []
 
 
-def _verify_or_load(folder: Path, weights_only: bool, objects: bool) -> Checkpoint:
-    """A whole checkpoint loaded, or a sharded one's files verified (its Checkpoint then has tensors None)."""
+def _verify_or_load(folder: Path, weights_only: bool, objects: bool) -> Checkpoint | Path:
+    """A whole checkpoint loaded, or the folder of a sharded one whose files match its manifest."""
     meta = _read_state(folder)
     if meta.get("sharded") is None:
         return load_checkpoint(folder, weights_only=weights_only, objects=objects)
     for name in meta["files"]:
         _check_file(folder, name, meta["files"])
-    return Checkpoint(path=folder, step=meta["step"], tensors=None, objects={}, state=meta["state"], rng=meta["rng"])
+    return folder
 
 
 def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, objects: bool = True,
@@ -469,8 +470,9 @@ def _read_sharded(path: Path, meta: Mapping[str, Any], *, weights_only: bool, ob
     else:
         like_tensors, like_objects = like()
         if not any(hasattr(t, "device_mesh") for group in like_tensors.values() for t in group.values()):
-            raise ValueError(f"{path} was written sharded by an FSDP2 run of {meta['sharded']['world_size']} "
-                             "processes; continue it as an FSDP2 run (accelerate launch --config_file "
+            size = meta["sharded"]["world_size"]
+            raise ValueError(f"{path} was written sharded by an FSDP2 run of {size} process{'es' * (size != 1)}; "
+                             "continue it as an FSDP2 run (accelerate launch --config_file "
                              "configs/accelerate/fsdp2.yaml ...), or read it whole with sdft evaluate or sdft export")
         state = {"tensors": dict(like_tensors), "objects": dict(like_objects) if objects else {}}
         _dcp_load(folder, state, reader=reader, weights_only=weights_only, no_dist=False)
