@@ -122,12 +122,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
         json.dumps(meta)
     except TypeError as error:
         raise ValueError(f"checkpoint state must be JSON-serializable: {error}") from None
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:08d}"
     if not sharded:
         return _publish(run_dir, step, meta, keep_last, lambda tmp: _write_whole(tmp, tensors, objects))
+    return _save_sharded(run_dir, step, meta, keep_last, {"tensors": tensors, "objects": objects}, parallel)
 
-    def share(obj):  # the main process's `obj` on every process (a collective call)
+
+def _save_sharded(run_dir: str | os.PathLike, step: int, meta: dict[str, Any], keep_last: int,
+                  shards: dict[str, Any], parallel) -> Path:
+    """The sharded save of `save_checkpoint` (a collective call): the main process makes the temporary folder
+    and tells the others its path (so it must be on a file system every process sees), every process writes
+    its shards of `shards` into its `sharded/` with `torch.distributed.checkpoint`, then the main process
+    alone finishes as `_publish` does and tells the others how it went; every process raises if it failed."""
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+    def share(obj):  # the main process's `obj` on every process
         return parallel.gather(obj if parallel.is_main else None)[0]
 
     def write_shards(tmp: Path | None) -> None:
@@ -139,8 +147,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *,
             raise CheckpointWriteError(f"could not save checkpoint step {step} to {final}: the main process could "
                                        "not make its temporary folder (it reports why)")
         # replicated entries (whole tensors, optimizer steps, schedule) are written once, by the main process
-        save({"tensors": tensors, "objects": objects},
-             storage_writer=FileSystemWriter(Path(folder) / SHARDED_DIR, sync_files=True),
+        save(shards, storage_writer=FileSystemWriter(Path(folder) / SHARDED_DIR, sync_files=True),
              planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
         parallel.barrier()
 
@@ -541,7 +548,8 @@ def _read_state(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") not in formats:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{state_path}: checkpoint format {found!r} is not supported; "
-                              f"allowed: {_UNVERIFIED_FORMAT} (unverified), {FORMAT_VERSION}, {SHARDED_FORMAT} (sharded)")
+                              f"allowed: {_UNVERIFIED_FORMAT} (unverified), {FORMAT_VERSION}, "
+                              f"{SHARDED_FORMAT} (sharded)")
     fields = {"step": int, "rng": dict, "tensors": list, "objects": list, "state": dict}
     if meta["format"] != _UNVERIFIED_FORMAT:
         fields["files"] = dict
@@ -555,7 +563,8 @@ def _read_state(path: Path) -> dict[str, Any]:
                                   f"got {type(meta.get(key)).__name__}")
     if meta["format"] == SHARDED_FORMAT:
         size = meta["sharded"].get("world_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or f"{SHARDED_DIR}/.metadata" not in meta["files"]:
+        listed = f"{SHARDED_DIR}/.metadata" in meta["files"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or not listed:
             raise CheckpointError(f"{state_path}: malformed sharded checkpoint state: 'sharded' must hold "
                                   f"world_size (an int >= 1) and 'files' must list {SHARDED_DIR}/.metadata")
     return meta

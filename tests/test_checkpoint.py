@@ -475,7 +475,8 @@ def test_a_sharded_checkpoint_reads_back_whole_or_into_shards(tmp_path, sharded_
     assert state["param_groups"][0]["lr"] == 0.1 and float(state["state"]["layer.w"]["step"]) == 3.0
     assert torch.equal(state["state"]["layer.w"]["exp_avg"].full_tensor(), torch.arange(24.0).reshape(6, 4) * 0.5)
 
-    with pytest.raises(ValueError, match=r"written sharded by an FSDP2 run of 1 process; continue it"):  # a run not sharded
+    # a run that is not sharded cannot load it
+    with pytest.raises(ValueError, match=r"written sharded by an FSDP2 run of 1 process; continue it"):
         load_checkpoint(path, like=lambda: ({"student": {"layer.w": torch.zeros(6, 4)}}, {}))
 
 

@@ -90,6 +90,12 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, launcher, extra):
             assert rb["metrics"][key] == pytest.approx(ra["metrics"][key], rel=rel, abs=atol), (ra["step"], key)
     if launcher != "ddp.yaml":  # FSDP2: each process wrote its own shards, nothing was gathered whole
         assert_sharded_checkpoint(latest_checkpoint(tmp_path / "runs" / "two"))
+    else:  # DDP keeps the whole format; on resume the main process chooses the checkpoint, every process loads it
+        state = json.loads((latest_checkpoint(tmp_path / "runs" / "two") / "state.json").read_text())
+        assert sorted(state["files"]) == ["optimizer.pt", "rng.safetensors", "student.safetensors",
+                                          "teacher.safetensors"]
+        again = launch(launcher, args + ["resume=true"], tmp_path, "two")
+        assert again.returncode == 0 and "resumed from step_00000003" in again.stderr, again.stderr[-3000:]
     # read in one process: a sharded checkpoint comes back as whole CPU tensors, like a one-process run's
     one_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "one")).tensors
     two_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "two")).tensors
