@@ -144,7 +144,9 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
         check_logging_requirements(config.logging.trackers, config.logging.plot)
     show_progress = config.logging.progress and is_main_process
     start_step, scores_before = 0, {}
-    ckpt, damaged = load_latest_intact(run_dir) if config.resume else (None, [])
+    # (`like`: the live state a sharded checkpoint is loaded into, each process its shards)
+    ckpt, damaged = load_latest_intact(run_dir, parallel=parallel, like=lambda: (
+        backend.state_tensors(), {"optimizer": backend.optimizer_state()})) if config.resume else (None, [])
     checkpoint_path = None if ckpt is None else ckpt.path
     new_notes = list(run_folder.notes) + [f"damaged checkpoint skipped: {line}" for line in damaged]
     if ckpt is not None:
@@ -184,12 +186,10 @@ def run_training(config: Config, *, backend, tokenizer, train: Sequence[EncodedE
             log(0, split, _eval_metrics({k: v for k, v in scores_before.items() if v.split == split}))
 
     def save(step):
-        tensors, optimizer = backend.state_tensors(), backend.optimizer_state()  # every process (FSDP2 gathers)
-        if not is_main_process:
-            return
+        tensors, optimizer = backend.state_tensors(), backend.optimizer_state()  # every process takes part
         save_checkpoint(run_dir, step, tensors=tensors, objects={"optimizer": optimizer},
                         state={"step": step, "scores_before": _result_to_state(scores_before)},
-                        keep_last=config.checkpoint.keep_last, rng=capture_rng_state())
+                        keep_last=config.checkpoint.keep_last, rng=capture_rng_state(), parallel=parallel)
 
     with ProgressBar(steps, initial=start_step, desc=config.run_name, enabled=show_progress) as bar:
         for step in range(start_step + 1, last + 1):

@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "setup_parallel", "shard_model", "gather_whole", "copy_whole", "load_on_main_only",
+__all__ = ["Parallel", "setup_parallel", "shard_model", "copy_whole", "load_on_main_only",
            "UNSUPPORTED_LAUNCHERS"]
 
 UNSUPPORTED_LAUNCHERS = {
@@ -268,15 +268,11 @@ def shard_model(model: nn.Module, mesh, *, reshard_after_forward: bool = True, c
     return model
 
 
-def gather_whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sharded (DTensor) entries gathered whole (a collective call on every process); others as they are."""
-    return {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in tensors.items()}
-
-
 @torch.no_grad()
 def copy_whole(target: torch.Tensor, value: torch.Tensor) -> None:
-    """target <- value, where target may be one process's shard (DTensor) of the whole `value`."""
-    if hasattr(target, "device_mesh"):
+    """target <- value, where target may be one process's shard (DTensor) of the whole `value`, or `value` a
+    DTensor laid out like target."""
+    if hasattr(target, "device_mesh") and not hasattr(value, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
         value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,

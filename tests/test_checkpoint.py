@@ -414,3 +414,95 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, 
     assert (tmp_path / "run" / "checkpoints").stat().st_mode & 0o777 == dir_mode
     for file in [*path.iterdir(), tmp_path / "run" / "checkpoints" / "latest", tmp_path / "run" / "note.txt"]:
         assert file.stat().st_mode & 0o777 == file_mode, file
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint), here in a process group of one; several processes:
+# tests/test_distributed.py
+
+@pytest.fixture
+def sharded_parallel():
+    """The Parallel of an FSDP2 run of one process (a gloo group of one, torn down afterwards)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sdft.parallel import Parallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield Parallel(mode="fsdp2", mesh=init_device_mesh("cpu", (1,)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_state(mesh, scale: float):
+    """(tensors, objects) shaped like LocalBackend's under FSDP2: DTensors, a whole RNG tensor, and an optimizer
+    state dict keyed by parameter name with a list of param groups."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    weight = distribute_tensor(torch.arange(24.0).reshape(6, 4) * scale, mesh, [Shard(0)])
+    tensors = {"student": {"layer.w": weight}, "teacher": {}, "rng": {"sampler": torch.arange(5, dtype=torch.uint8)}}
+    optimizer = {"state": {"layer.w": {"step": torch.tensor(3.0 * scale), "exp_avg": weight * 0.5}},
+                 "param_groups": [{"lr": 0.1 * scale, "params": ["layer.w"]}]}
+    return tensors, {"optimizer": {"optimizer": optimizer, "schedule": {"last_epoch": 3}}}
+
+
+def test_a_sharded_checkpoint_reads_back_whole_or_into_shards(tmp_path, sharded_parallel):
+    tensors, objects = _sharded_state(sharded_parallel.mesh, 1.0)
+    path = save_checkpoint(tmp_path, 1, tensors=tensors, objects=objects, state={"step": 1}, parallel=sharded_parallel)
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["format"] == 3 and meta["sharded"] == {"world_size": 1}
+    assert sorted(meta["files"]) == ["sharded/.metadata", "sharded/__0_0.distcp"]
+    assert sorted(p.name for p in path.iterdir()) == ["sharded", "state.json"]
+
+    whole = load_checkpoint(path)  # one process, no template: whole CPU tensors, the objects as saved
+    assert whole.step == 1 and whole.verified and whole.state == {"step": 1}
+    assert whole.tensors.keys() == {"student", "teacher", "rng"} and whole.tensors["teacher"] == {}
+    assert type(whole.tensors["student"]["layer.w"]) is torch.Tensor
+    assert torch.equal(whole.tensors["student"]["layer.w"], torch.arange(24.0).reshape(6, 4))
+    assert torch.equal(whole.tensors["rng"]["sampler"], torch.arange(5, dtype=torch.uint8))
+    saved = whole.objects["optimizer"]
+    assert saved["schedule"] == {"last_epoch": 3} and saved["optimizer"]["param_groups"] == [
+        {"lr": 0.1, "params": ["layer.w"]}]
+    assert torch.equal(saved["optimizer"]["state"]["layer.w"]["exp_avg"], torch.arange(24.0).reshape(6, 4) * 0.5)
+    assert load_checkpoint(path, objects=False).objects == {}
+
+    into = _sharded_state(sharded_parallel.mesh, 0.0)  # a run's live shards, loaded in place
+    loaded = load_checkpoint(path, like=lambda: into)
+    assert loaded.tensors["student"]["layer.w"] is into[0]["student"]["layer.w"]
+    assert torch.equal(into[0]["student"]["layer.w"].full_tensor(), torch.arange(24.0).reshape(6, 4))
+    state = loaded.objects["optimizer"]["optimizer"]
+    assert state["param_groups"][0]["lr"] == 0.1 and float(state["state"]["layer.w"]["step"]) == 3.0
+    assert torch.equal(state["state"]["layer.w"]["exp_avg"].full_tensor(), torch.arange(24.0).reshape(6, 4) * 0.5)
+
+    # a run that is not sharded cannot load it
+    with pytest.raises(ValueError, match=r"written sharded by an FSDP2 run of 1 process; continue it"):
+        load_checkpoint(path, like=lambda: ({"student": {"layer.w": torch.zeros(6, 4)}}, {}))
+
+
+def test_a_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, sharded_parallel, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    first = save_checkpoint(tmp_path, 1, tensors=_sharded_state(sharded_parallel.mesh, 1.0)[0],
+                            parallel=sharded_parallel)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(tmp_path, 2, tensors=_sharded_state(sharded_parallel.mesh, 2.0)[0], keep_last=1,
+                        parallel=sharded_parallel)
+    assert caught.value.errno == errno.ENOSPC
+    assert f"The previous checkpoint {first} is intact and checkpoints/latest still points to it" in str(caught.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    assert torch.equal(load_checkpoint(first).tensors["student"]["layer.w"], torch.arange(24.0).reshape(6, 4))
+
+
+def test_a_damaged_shard_file_is_named(tmp_path, sharded_parallel):
+    path = save_checkpoint(tmp_path, 1, tensors=_sharded_state(sharded_parallel.mesh, 1.0)[0],
+                           parallel=sharded_parallel)
+    _truncate(path / "sharded" / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"step_00000001/sharded/__0_0\.distcp: truncated: \d+ bytes, expected"):
+        load_checkpoint(path, objects=False)
+    (path / "sharded" / ".metadata").unlink()
+    assert list_checkpoints(tmp_path) == []  # not complete without its metadata

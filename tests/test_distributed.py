@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdft.checkpoint import latest_checkpoint, load_checkpoint
+from sdft.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_latest_intact
 from sdft.logs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,15 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, launcher, extra):
         for key in ("train/loss", "train/kl", "train/grad_norm", "train/completion_len", "train/lr",
                     "train/loss_tokens", "train/student_entropy", "train/teacher_entropy"):
             assert rb["metrics"][key] == pytest.approx(ra["metrics"][key], rel=rel, abs=atol), (ra["step"], key)
+    if launcher != "ddp.yaml":  # FSDP2: each process wrote its own shards, nothing was gathered whole
+        assert_sharded_checkpoint(latest_checkpoint(tmp_path / "runs" / "two"))
+    else:  # DDP keeps the whole format; on resume the main process chooses the checkpoint, every process loads it
+        state = json.loads((latest_checkpoint(tmp_path / "runs" / "two") / "state.json").read_text())
+        assert sorted(state["files"]) == ["optimizer.pt", "rng.safetensors", "student.safetensors",
+                                          "teacher.safetensors"]
+        again = launch(launcher, args + ["resume=true"], tmp_path, "two")
+        assert again.returncode == 0 and "resumed from step_00000003" in again.stderr, again.stderr[-3000:]
+    # read in one process: a sharded checkpoint comes back as whole CPU tensors, like a one-process run's
     one_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "one")).tensors
     two_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "two")).tensors
     for group in ("student", "teacher"):
@@ -97,6 +106,30 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, launcher, extra):
                                        msg=lambda m, n=name: f"{group} {n}: {m}")
     summary = (tmp_path / "runs" / "two" / "summary.md").read_text()
     assert ("DDP) over 2 processes" if launcher == "ddp.yaml" else "FSDP2 over 2 processes") in summary
+    if extra == ["teacher.mode=ema"] and launcher == "fsdp2.yaml":  # export reads the sharded checkpoint too
+        from safetensors.torch import load_file
+
+        from sdft.export import export_run
+
+        adapters = [load_file(str(export_run(tmp_path / "runs" / name, tmp_path / f"{name}_adapter", format="adapter")
+                                  / "adapter_model.safetensors")) for name in ("one", "two")]
+        assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+        for name in adapters[0]:
+            torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-3, atol=weight_atol)
+
+
+def assert_sharded_checkpoint(folder: Path, world_size: int = 2) -> None:
+    """`folder` holds one DCP shard file per process, each with about 1/world_size of the state, and no whole
+    tensor or optimizer files; state.json says so and its manifest covers every shard."""
+    state = json.loads((folder / "state.json").read_text())
+    assert state["format"] == 3 and state["sharded"] == {"world_size": world_size}
+    shards = sorted(p.name for p in (folder / "sharded").glob("*.distcp"))
+    assert shards == [f"__{rank}_0.distcp" for rank in range(world_size)]
+    assert not list(folder.glob("*.safetensors")) and not list(folder.glob("*.pt"))
+    assert set(state["files"]) == {f"sharded/{name}" for name in shards} | {"sharded/.metadata"}
+    sizes = [(folder / "sharded" / name).stat().st_size for name in shards]
+    for size in sizes:  # (the main process also writes the small replicated entries: RNG, schedule, steps)
+        assert 0.6 / world_size * sum(sizes) <= size <= 1.4 / world_size * sum(sizes), sizes
 
 
 def test_a_deepspeed_launcher_config_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -162,8 +195,39 @@ def test_kill_9_in_an_fsdp2_run_then_resume_equals_the_uninterrupted_run(tmp_pat
         for key, value in ra["metrics"].items():
             if not key.endswith(("_time_s", "tokens_per_s")):
                 assert rb["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert_sharded_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed"))
     one = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "straight")).tensors
     two = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed")).tensors
     for group in ("student", "teacher"):
+        assert one[group].keys() == two[group].keys() and one[group]
         for name in one[group]:
             assert torch.equal(two[group][name], one[group][name]), (group, name)
+
+    # a damaged shard file: named by the manifest check, and the newest intact checkpoint is used instead
+    shard = tmp_path / "runs" / "killed" / "checkpoints" / "step_00000004" / "sharded" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step_00000004/sharded/__1_0\.distcp: checksum mismatch"):
+        load_checkpoint(shard.parents[1])
+    loaded, damaged = load_latest_intact(tmp_path / "runs" / "killed")
+    assert loaded.path.name == "step_00000003" and len(damaged) == 1 and "__1_0.distcp: checksum mismatch" in damaged[0]
+
+    # a run that is not sharded cannot take it over; one FSDP2 process can: DCP reshards the two-process
+    # checkpoint, and step 4 is the same
+    with pytest.raises(ValueError, match="written sharded by an FSDP2 run of 2 processes; continue it as an FSDP2 run"):
+        load_checkpoint(loaded.path, like=lambda: ({"student": {"w": torch.zeros(2)}}, {}))
+    alone = command_of("fsdp2.yaml", args + ["resume=true"], "killed")
+    alone[alone.index("--num_processes") + 1] = "1"
+    resumed = subprocess.run(alone, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "damaged checkpoint skipped" in resumed.stderr and "resumed from step_00000003" in resumed.stderr
+    rows = train_rows(tmp_path, "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train/loss", "train/kl", "train/grad_norm", "train/loss_tokens"):
+        assert rows[3]["metrics"][key] == pytest.approx(a[3]["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert_sharded_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed"), world_size=1)
+    alone_state = load_checkpoint(latest_checkpoint(tmp_path / "runs" / "killed")).tensors
+    for group in ("student", "teacher"):
+        for name in one[group]:
+            torch.testing.assert_close(alone_state[group][name], one[group][name], rtol=1e-3, atol=2e-5)

@@ -20,7 +20,7 @@ from torch import nn
 from sdft.backends.base import check_rollouts, check_sft_batch, check_teacher_prompts
 from sdft.config import GenerationConfig, ModelConfig, OptimConfig, StudentConfig, TeacherConfig
 from sdft.lm import causal_lm_of, check_plain_output_head, completion_hidden, output_layer, wrap_lora
-from sdft.parallel import Parallel, copy_whole, gather_whole
+from sdft.parallel import Parallel, copy_whole
 from sdft.losses import fused_linear_token_logprobs, fused_linear_topk
 from sdft.objectives import (FullVocabTargets, Objective, SampledTargets, StepSums, StudentTokens, Targets,
                              TeacherRequest, TopKTargets)
@@ -283,11 +283,12 @@ class LocalBackend:
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """{"student": trainable parameters by name (their fp32 masters when kept), "teacher": EMA/sync
         teacher weights (empty when static), "rng": {"sampler": the sampling generator state}}. Student and
-        teacher entries are the live tensors, detached (under FSDP2: gathered whole, a collective call);
-        copy them before training on if they must not change."""
+        teacher entries are the live tensors, detached (under FSDP2: this process's shards, DTensors; a
+        checkpoint loaded into them in place sets the state); copy them before training on if they must not
+        change."""
         student = (self.masters.state_tensors() if self.masters is not None
                    else {name: p.detach() for name, p in self._trainable().items()})
-        return {"student": gather_whole(student), "teacher": gather_whole(self.teacher.state_tensors()),
+        return {"student": student, "teacher": self.teacher.state_tensors(),
                 "rng": {"sampler": self.sampler.generator.get_state()}}
 
     def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -309,12 +310,12 @@ class LocalBackend:
 
     def optimizer_state(self) -> dict:
         """{"optimizer": AdamW state_dict, "schedule": LambdaLR state_dict} (live tensors, not copies; under
-        FSDP2 the optimizer state gathered whole, keyed by parameter name, a collective call)."""
+        FSDP2 this process's shards of the optimizer state (DTensors), keyed by parameter name; a fresh
+        optimizer's state is first made by a step with learning rate 0, which leaves the weights as they are)."""
         if self.parallel.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            optimizer = get_optimizer_state_dict(self.model, self.optimizer,
-                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer)
         else:
             optimizer = self.optimizer.state_dict()
         return {"optimizer": optimizer, "schedule": self.scheduler.state_dict()}
@@ -327,8 +328,10 @@ class LocalBackend:
         if self.parallel.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            moments = [v for entry in state["optimizer"].get("state", {}).values() for v in entry.values()]
+            whole = not any(hasattr(v, "device_mesh") for v in moments)  # (a checkpoint of an unsharded run)
             set_optimizer_state_dict(self.model, self.optimizer, copy.deepcopy(state["optimizer"]),
-                                     options=StateDictOptions(full_state_dict=True))
+                                     options=StateDictOptions(full_state_dict=whole))
         else:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scheduler.load_state_dict(copy.deepcopy(state["schedule"]))
