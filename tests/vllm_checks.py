@@ -77,7 +77,7 @@ def sync_checks(folder: str, out: str) -> None:
             teacher=TeacherConfig(mode="static"), optim=optim(lr=0.05 if mode == "lora" else 5e-3),
             generation=GenerationConfig(engine="vllm", vllm_cpu_kv_cache_gib=0.25, vllm_max_model_len=256),
             steps=3, model_path=folder)
-        native = NativeSampler(backend.causal_lm, tokenizer)
+        native = NativeSampler(backend.module, tokenizer)
         rounds = []
         for step in range(4):
             if step:
@@ -91,7 +91,7 @@ def sync_checks(folder: str, out: str) -> None:
             with torch.no_grad():
                 for r in sampled:
                     ids = torch.tensor([list(r.prompt_ids) + list(r.completion_ids)])
-                    logits = backend.causal_lm(input_ids=ids).logits[0, len(r.prompt_ids) - 1:-1]
+                    logits = backend.module(input_ids=ids).logits[0, len(r.prompt_ids) - 1:-1]
                     expected = _nucleus_logprobs(logits, temperature, top_p).gather(
                         -1, torch.tensor(r.completion_ids)[:, None])[:, 0]
                     differences.append(float((torch.tensor(r.sampler_logprobs, dtype=torch.float64)
