@@ -122,3 +122,15 @@ def test_a_run_logs_lm_eval_benchmarks_before_and_after_training(tmp_path, tiny_
     after = _rows(run / "predictions" / "choice.jsonl")
     assert [r["loglikelihoods"] for r in before] != [r["loglikelihoods"] for r in after]  # the student was scored
     assert "| choice |" in (run / "summary.md").read_text()
+
+
+def test_lm_eval_benchmarks_are_refused_in_a_multi_process_run():
+    """The harness scores a whole model in one process: a DDP or FSDP2 run with such a benchmark stops at the
+    start, naming the way out, before any model is loaded."""
+    from sdft.backends import build_backend
+    from sdft.parallel import Parallel
+
+    config = load_config(None, ["data.path=x.jsonl", "model.name=never-loaded",
+                                "eval.benchmarks=[{name: hs, kind: lm_eval, task: hellaswag}]"])
+    with pytest.raises(ValueError, match=r"\['hs'\] of kind lm_eval .* got 2 processes: evaluate the run afterwards"):
+        build_backend(config, steps=1, parallel=Parallel(mode="ddp", rank=0, world_size=2))
