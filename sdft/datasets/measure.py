@@ -12,15 +12,15 @@ For the held-out rows of a skill (PromptExample JSONL, scored like the training 
 
 SDFT needs the teacher to be right and the few-shot score to be well above the student's: the student
 learns from its own samples scored by the teacher, and keeps on unseen prompts what the model can do in
-context. `python -m sdft.datasets.quickstart.make_quickstart --measure` and
-`python -m sdft.datasets.laptop.make_laptop --measure` print these numbers.
+context. `python -m sdft.datasets.laptop.make_toolcalls --measure` and
+`python -m sdft.datasets.laptop.make_laptop --measure` print these numbers (`generator_main`).
 """
 from __future__ import annotations
 
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 FEWSHOT_SEED = 0
 
@@ -75,3 +75,28 @@ def print_report(results: dict) -> None:
     for name, result in results.items():
         print(f"{name}: {result.correct}/{result.n} = {result.pass_at_1:.1%} "
               f"(95% Wilson {result.ci_low:.1%}-{result.ci_high:.1%})")
+
+
+def write_files(files: Mapping[str, list[dict]], folder: str | Path) -> None:
+    """Each {relative file name: rows} written as JSONL under `folder`, atomically."""
+    from sdft.io import atomic_write_jsonl
+
+    for name, rows in files.items():
+        atomic_write_jsonl(Path(folder) / name, rows)
+
+
+def generator_main(argv: Sequence[str] | None, *, description: str, build: Callable[[], Mapping[str, list[dict]]],
+                   folder: Path, train: Path, heldout: Path, retention: Path | None = None) -> None:
+    """The command line of a skill's data generator: (re)write `build()` under `folder`; with --measure, also
+    `print_report(measure_skill(train, heldout, retention=retention))`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    files = build()
+    write_files(files, folder)
+    print("wrote", ", ".join(f"{name}: {len(rows)} rows" for name, rows in files.items()))
+    if args.measure:
+        print_report(measure_skill(train, heldout, retention=retention, max_new_tokens=args.max_new_tokens))

@@ -21,10 +21,11 @@ Files written next to this script, in folder `extract/`:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
+
+from sdft.datasets.measure import generator_main, write_files
 
 HERE = Path(__file__).resolve().parent
 SEED = 4321
@@ -78,24 +79,12 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(folder: Path = HERE) -> None:
-    from sdft.io import atomic_write_jsonl
-
-    for name, rows in build().items():
-        atomic_write_jsonl(folder / name, rows)
+    write_files(build(), folder)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    args = parser.parse_args(argv)
-    write()
-    print("wrote", ", ".join(f"{name}: {len(rows)} rows" for name, rows in build().items()))
-    if args.measure:
-        from sdft.datasets.measure import measure_skill, print_report
-
-        print_report(measure_skill(HERE / "extract" / "train.jsonl", HERE / "extract" / "heldout.jsonl",
-                                   max_new_tokens=args.max_new_tokens))
+    generator_main(argv, description=__doc__.splitlines()[0], build=build, folder=HERE, train=HERE / "extract" / "train.jsonl",
+                   heldout=HERE / "extract" / "heldout.jsonl")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ the model can show in context, the ceiling a student can reach); and the retenti
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
+
+from sdft.datasets.measure import generator_main, write_files
 
 HERE = Path(__file__).resolve().parent / "toolcalls"
 RETENTION_SET = Path(__file__).resolve().parents[1] / "quickstart" / "retention"  # the prior abilities watched
@@ -174,25 +175,12 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(folder: Path = HERE) -> None:
-    from sdft.io import atomic_write_jsonl
-
-    for name, rows in build().items():
-        atomic_write_jsonl(folder / name, rows)
+    write_files(build(), folder)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    args = parser.parse_args(argv)
-    write()
-    counts = {name: len(rows) for name, rows in build().items()}
-    print("wrote", ", ".join(f"{name}: {n} rows" for name, n in counts.items()))
-    if args.measure:
-        from sdft.datasets.measure import measure_skill, print_report
-
-        print_report(measure_skill(HERE / "train.jsonl", HERE / "heldout.jsonl", retention=RETENTION_SET,
-                                   max_new_tokens=args.max_new_tokens))
+    generator_main(argv, description=__doc__.splitlines()[0], build=build, folder=HERE, train=HERE / "train.jsonl",
+                   heldout=HERE / "heldout.jsonl", retention=RETENTION_SET)
 
 
 if __name__ == "__main__":
