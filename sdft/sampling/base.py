@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["SamplingParams", "Rollout", "Sampler", "stop_token_ids", "padding_token_id", "check_token_lists",
-           "check_positive_int"]
+           "check_positive_int", "checked_sample_request", "checked_greedy_request"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,26 @@ def check_token_lists(name: str, value) -> list[list[int]]:
         if not seq:
             raise ValueError(f"{name}[{i}] must hold at least one token, got an empty sequence")
     return lists
+
+
+def checked_sample_request(prompt_ids, params, seeds, generator) -> tuple[list[list[int]], list[int]]:
+    """The checked arguments of `Sampler.sample`: (prompts as lists, one seed per prompt; drawn from
+    `generator` when `seeds` is None)."""
+    from sdft.sampling.draw import draw_seeds
+
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    prompts = check_token_lists("prompt_ids", prompt_ids)
+    if seeds is None:
+        return prompts, draw_seeds(generator, len(prompts))
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
+    return prompts, [int(seed) for seed in seeds]
+
+
+def checked_greedy_request(prompt_ids, max_new_tokens, batch_size) -> list[list[int]]:
+    """The checked arguments of `Sampler.greedy`: the prompts as lists."""
+    check_positive_int("max_new_tokens", max_new_tokens)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    return check_token_lists("prompt_ids", prompt_ids)

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from sdft.sampling.base import (Rollout, SamplingParams, check_positive_int, check_token_lists, padding_token_id,
-                                stop_token_ids)
-from sdft.sampling.draw import counter_uniforms, draw_seeds, draw_tokens, greedy_tokens
+from sdft.sampling.base import (Rollout, SamplingParams, check_positive_int, checked_greedy_request,
+                                checked_sample_request, padding_token_id, stop_token_ids)
+from sdft.sampling.draw import counter_uniforms, draw_tokens, greedy_tokens
 
 __all__ = ["NativeSampler", "decode_batch", "default_stop_check_every"]
 
@@ -57,24 +57,14 @@ class NativeSampler:
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompts = check_token_lists("prompt_ids", prompt_ids)
-        if seeds is None:
-            seeds = draw_seeds(self.generator, len(prompts))
-        elif len(seeds) != len(prompts):
-            raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for "
-                             f"{len(prompts)} prompts")
+        prompts, seeds = checked_sample_request(prompt_ids, params, seeds, self.generator)
         out = self._decode(prompts, params.max_new_tokens, params.temperature, params.top_p, greedy=False,
-                           seeds=list(seeds))
+                           seeds=seeds)
         return [Rollout(tuple(p), tuple(ids), tuple(lps), finished) for p, (ids, lps, finished) in zip(prompts, out)]
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
                batch_size: int | None = None) -> list[list[int]]:
-        check_positive_int("max_new_tokens", max_new_tokens)
-        if batch_size is not None:
-            check_positive_int("batch_size", batch_size)
-        prompts = check_token_lists("prompt_ids", prompt_ids)
+        prompts = checked_greedy_request(prompt_ids, max_new_tokens, batch_size)
         return [ids for ids, _, _ in self._decode(prompts, max_new_tokens, 1.0, 1.0, greedy=True,
                                                   batch_size=batch_size)]
 

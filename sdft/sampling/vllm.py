@@ -27,8 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from sdft.sampling.base import Rollout, SamplingParams, check_positive_int, check_token_lists, stop_token_ids
-from sdft.sampling.draw import draw_seeds
+from sdft.sampling.base import Rollout, SamplingParams, checked_greedy_request, checked_sample_request, stop_token_ids
 
 __all__ = ["VLLMSampler", "WeightLoader", "import_vllm", "VLLM_EXTRA"]
 
@@ -165,16 +164,9 @@ class VLLMSampler:
     # --------------------------------------------------------------------------------- decoding
     def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
                seeds: Sequence[int] | None = None) -> list[Rollout]:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompts = check_token_lists("prompt_ids", prompt_ids)
-        if seeds is None:
-            seeds = draw_seeds(self.generator, len(prompts))
-        elif len(seeds) != len(prompts):
-            raise ValueError(f"seeds must have one entry per prompt: got {len(seeds)} seeds for "
-                             f"{len(prompts)} prompts")
+        prompts, seeds = checked_sample_request(prompt_ids, params, seeds, self.generator)
         requests = [self._params(params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                                 seed=int(seed), logprobs=0) for seed in seeds]
+                                 seed=seed, logprobs=0) for seed in seeds]
         rollouts = []
         for prompt, (ids, lps, finished) in zip(prompts, self._generate(prompts, requests)):
             rollouts.append(Rollout(tuple(prompt), tuple(ids), tuple(lps), finished))
@@ -183,10 +175,7 @@ class VLLMSampler:
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
                batch_size: int | None = None) -> list[list[int]]:
         """Argmax completions; the engine schedules its own batches (`batch_size` is only checked)."""
-        check_positive_int("max_new_tokens", max_new_tokens)
-        if batch_size is not None:
-            check_positive_int("batch_size", batch_size)
-        prompts = check_token_lists("prompt_ids", prompt_ids)
+        prompts = checked_greedy_request(prompt_ids, max_new_tokens, batch_size)
         requests = [self._params(max_new_tokens, temperature=0.0)] * len(prompts)
         return [ids for ids, _, _ in self._generate(prompts, requests)]
 
