@@ -154,10 +154,8 @@ def _save_sharded(run_dir: str | os.PathLike, step: int, meta: dict[str, Any], k
     if not parallel.is_main:
         try:
             write_shards(None)
-        except CheckpointWriteError:
-            raise
         except BaseException as error:
-            if not getattr(error, "failures", None):
+            if not getattr(error, "failures", None):  # (only DCP's CheckpointException lists failures)
                 raise
             raise _as_write_error(error, step, final, None, False) from error  # every process raises it
         outcome = share(None)
@@ -337,8 +335,8 @@ def load_latest_intact(run_dir: str | os.PathLike, *, weights_only: bool = True,
         return chosen, outcome["damaged"]
     path = Path(outcome["path"])
     sharded = _read_state(path).get("sharded") is not None
-    # (a sharded checkpoint's files were verified by the main process; the others do not read them all again)
-    loaded = _load(path, weights_only=weights_only, objects=objects, like=like, verify=not sharded)
+    # (the main process verified the checkpoint's files; the others do not hash them all again)
+    loaded = _load(path, weights_only=weights_only, objects=objects, like=like, verify=False)
     if sharded:  # no NaN in any process's shards
         bad = sorted({name for names in parallel.gather(_nan_entries(loaded.tensors)) for name in names})
         if bad:
@@ -398,6 +396,7 @@ def load_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, objec
 
 
 def _load(path: Path, *, weights_only: bool, objects: bool, like, verify: bool) -> Checkpoint:
+    """`load_checkpoint`; `verify=False` skips the manifest check (files another process has just verified)."""
     meta = _read_state(path)
     verified = meta["format"] != _UNVERIFIED_FORMAT
     if meta.get("sharded") is not None:
@@ -413,7 +412,8 @@ def _load(path: Path, *, weights_only: bool, objects: bool, like, verify: bool) 
     tensors = {}
     for name in meta["tensors"]:
         file = path / f"{name}.safetensors"
-        _check_file(path, file.name, meta.get("files"))
+        if verify:
+            _check_file(path, file.name, meta.get("files"))
         try:
             tensors[name] = load_file(str(file), device="cpu")
         except Exception as error:  # SafetensorError and OSError: a damaged or unreadable file
@@ -422,7 +422,8 @@ def _load(path: Path, *, weights_only: bool, objects: bool, like, verify: bool) 
     loaded = {}
     for name in meta["objects"] if objects else ():
         file = path / f"{name}.pt"
-        _check_file(path, file.name, meta.get("files"))
+        if verify:
+            _check_file(path, file.name, meta.get("files"))
         try:
             with open(file, "rb") as handle:
                 loaded[name] = torch.load(handle, map_location="cpu", weights_only=weights_only)
