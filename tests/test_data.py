@@ -443,3 +443,28 @@ def test_laptop_skill_files_are_what_their_generators_write(tmp_path, module):
     train = {e.messages[-1]["content"] for e in load_jsonl_examples(tmp_path / train_name)}
     heldout = {e.messages[-1]["content"] for e in load_jsonl_examples(tmp_path / heldout_name)}
     assert train and heldout and not train & heldout
+
+
+def test_fewshot_prompts_put_each_shot_as_an_earlier_exchange():
+    from sdft.datasets.measure import fewshot_messages
+
+    train = load_jsonl_examples(QUICKSTART_DIR / "train.jsonl")
+    heldout = load_jsonl_examples(QUICKSTART_DIR / "heldout.jsonl")
+    messages = fewshot_messages(heldout[0], train[:2])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"] == train[0].demonstration and messages[3]["content"] == train[1].demonstration
+    assert messages[-1] == dict(heldout[0].messages[-1])
+
+
+def test_measure_skill_scores_every_prompt_variant_on_the_held_out_rows(tiny_model_dir, tmp_path):
+    """Student, teacher (each template) and few-shot prompts, and the retention set; every completion saved."""
+    from sdft.datasets.measure import measure_skill
+
+    results = measure_skill(QUICKSTART_DIR / "train.jsonl", QUICKSTART_DIR / "heldout.jsonl",
+                            retention=QUICKSTART_DIR / "retention", model_name=tiny_model_dir, max_new_tokens=3,
+                            max_items=5, shots=(2,), predictions_dir=tmp_path)
+    assert list(results) == ["student", "teacher[official]", "teacher[turns]", "fewshot2", "retention"]
+    assert [r.n for r in results.values()] == [5, 5, 5, 5, 38]
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["fewshot2.jsonl", "retention.jsonl", "student.jsonl", "teacher_official.jsonl",
+                     "teacher_turns.jsonl"]

@@ -34,7 +34,7 @@ def fewshot_messages(example, shots: Sequence) -> tuple[dict, ...]:
 
 
 def measure_skill(train_path: str | Path, heldout_path: str | Path, *, retention: str | Path | None = None,
-                  templates: Sequence[str] = ("official",), shots: Sequence[int] = (1, 3),
+                  templates: Sequence[str] = ("official", "turns"), shots: Sequence[int] = (1, 3),
                   model_name: str = "SmolLM2-135M-Instruct", max_new_tokens: int = 40, batch_size: int = 16,
                   max_items: int | None = None, predictions_dir: str | Path | None = None) -> dict:
     """{name: EvalResult} for the student, teacher and few-shot prompts on the held-out rows (the first
@@ -42,7 +42,7 @@ def measure_skill(train_path: str | Path, heldout_path: str | Path, *, retention
     from sdft.data import load_jsonl_examples
     from sdft.evaluation import benchmark_from_examples, evaluate, load_task_benchmark
     from sdft.models import load_model_and_tokenizer
-    from sdft.prompts import teacher_messages
+    from sdft.prompts import DEMONSTRATION_TURNS, teacher_messages
     from sdft.sampling import NativeSampler
 
     model, tokenizer = load_model_and_tokenizer(model_name)
@@ -51,7 +51,7 @@ def measure_skill(train_path: str | Path, heldout_path: str | Path, *, retention
     heldout = load_jsonl_examples(heldout_path)[:max_items]
     variants = {"student": heldout}
     for template in templates:
-        label = template if template in ("official", "cookbook") else "custom"
+        label = template if template in ("official", "cookbook", DEMONSTRATION_TURNS) else "custom"
         variants[f"teacher[{label}]"] = [replace(e, messages=tuple(teacher_messages(e, template))) for e in heldout]
     rng = random.Random(FEWSHOT_SEED)
     for k in shots:
@@ -86,14 +86,15 @@ def write_files(files: Mapping[str, list[dict]], folder: str | Path) -> None:
 
 
 def generator_main(argv: Sequence[str] | None, *, description: str, build: Callable[[], Mapping[str, list[dict]]],
-                   folder: Path, train: Path, heldout: Path, retention: Path | None = None) -> None:
+                   folder: Path, train: Path, heldout: Path, retention: Path | None = None,
+                   max_new_tokens: int = 40) -> None:
     """The command line of a skill's data generator: (re)write `build()` under `folder`; with --measure, also
     `print_report(measure_skill(train, heldout, retention=retention))`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     args = parser.parse_args(argv)
     files = build()
     write_files(files, folder)

@@ -32,9 +32,10 @@ and retention from 78.9% to 81.6% (31/38); single run, single seed.
 """
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
+
+from sdft.datasets.measure import generator_main, write_files
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
@@ -147,48 +148,12 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(folder: Path = HERE) -> None:
-    from sdft.io import atomic_write_jsonl
-
-    for name, rows in build().items():
-        atomic_write_jsonl(folder / name, rows)
-
-
-def measure(model_name: str = "SmolLM2-135M-Instruct", max_new_tokens: int = 48, batch_size: int = 16) -> dict:
-    """Greedy pass rates of the base model: held-out with student prompts, held-out with teacher
-    prompts (official template, demonstration in context), and retention."""
-    from dataclasses import replace
-
-    from sdft.data import load_jsonl_examples
-    from sdft.evaluation import benchmark_from_examples, evaluate, load_task_benchmark
-    from sdft.models import load_model_and_tokenizer
-    from sdft.prompts import teacher_messages
-    from sdft.sampling import NativeSampler
-
-    model, tokenizer = load_model_and_tokenizer(model_name)
-    sampler = NativeSampler(model, tokenizer, batch_size=batch_size)
-    generate = sampler.greedy
-    heldout = load_jsonl_examples(HERE / "heldout.jsonl")
-    as_teacher = [replace(e, messages=tuple(teacher_messages(e, "official"))) for e in heldout]
-    benchmarks = {
-        "heldout_student": benchmark_from_examples("heldout_student", heldout, max_new_tokens=max_new_tokens),
-        "heldout_teacher": benchmark_from_examples("heldout_teacher", as_teacher, max_new_tokens=max_new_tokens),
-        "retention": load_task_benchmark(HERE / "retention", max_new_tokens=max_new_tokens),
-    }
-    return {name: evaluate(bench, generate, tokenizer) for name, bench in benchmarks.items()}
+    write_files(build(), folder)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", action="store_true", help="also report greedy pass rates of the base model")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    args = parser.parse_args(argv)
-    write()
-    counts = {name: len(rows) for name, rows in build().items()}
-    print("wrote", ", ".join(f"{name}: {n} rows" for name, n in counts.items()))
-    if args.measure:
-        for name, result in measure(max_new_tokens=args.max_new_tokens).items():
-            print(f"{name}: {result.correct}/{result.n} = {result.pass_at_1:.1%} "
-                  f"(95% Wilson {result.ci_low:.1%}-{result.ci_high:.1%})")
+    generator_main(argv, description=__doc__.splitlines()[0], build=build, folder=HERE, train=HERE / "train.jsonl",
+                   heldout=HERE / "heldout.jsonl", retention=HERE / "retention", max_new_tokens=48)
 
 
 if __name__ == "__main__":
