@@ -1,5 +1,6 @@
-"""Build the tool-call skill of the laptop experiment presets (sdft/datasets/laptop/toolcalls), deterministically,
-and optionally measure it.
+"""Build a tool-call skill for SmolLM2-135M (sdft/datasets/laptop/toolcalls), deterministically, and optionally
+measure it. The laptop experiment presets do not use it: in 16 SDFT steps the 135M student learns to name the
+right tool but not the call format (configs/laptop_toolcalls.yaml has the measurement).
 
 Skill taught: calling a tool. The prompt lists four tools with their arguments and ends with a request
 ("Request: Set a 12 minute timer."); the answer is the call in the ToolAlpaca format of the paper's tool-use

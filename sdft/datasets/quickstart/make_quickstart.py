@@ -22,13 +22,14 @@ an answer is likely to contain anyway (so no "chick", which "chicken" contains, 
     python -m sdft.datasets.quickstart.make_quickstart            # (re)write the files
     python -m sdft.datasets.quickstart.make_quickstart --measure  # + greedy pass rates with the packaged model
 
-Measured with `--measure` (packaged model, greedy, 48 new tokens, CPU float32):
-- held-out, student prompts (bare question):                        4/36 = 11.1%  (Wilson 95%: 4.4-25.3%)
-- held-out, teacher prompts (official template + demonstration):    33/36 = 91.7%  (78.2-97.1%)
-- retention, base model:                                            30/38 = 78.9%  (63.7-88.9%)
-One SDFT run on train.jsonl (LoRA rank 16, alpha 32, lr 1e-3 constant, static teacher, full-vocabulary
-forward KL, 30 steps of 8 prompts, completions up to 48 tokens) moved held-out from 11.1% to 44.4% (16/36)
-and retention from 78.9% to 81.6% (31/38); single run, single seed.
+Measured with `--measure` (packaged model, greedy, 48 new tokens, CPU float32), on the 36 held-out animals:
+- student (bare question):                                   4/36 = 11.1%  (Wilson 95%: 4.4-25.3%)
+- teacher, official template (demonstration quoted):         33/36 = 91.7%  (78.2-97.1%)
+- teacher, template "turns" (demonstration as an answer):    30/36 = 83.3%  (68.1-92.1%)
+- few-shot, 1 / 3 other animals as earlier turns:            9/36 = 25.0% (13.8-41.1%) / 12/36 = 33.3% (20.2-49.7%)
+- retention, base model:                                     30/38 = 78.9%  (63.7-88.9%)
+The teacher scores include copying the answer from its own demonstration; the few-shot scores are what the
+model knows of animals it was not shown. README "The quickstart" has SDFT and SFT over three seeds.
 """
 from __future__ import annotations
 
