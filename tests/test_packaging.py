@@ -99,8 +99,8 @@ def test_the_installed_command_finds_the_shipped_configs_and_data(tmp_path, tiny
     done = subprocess.run([*command, "validate", "--config", "quickstart", f"model.name={tiny_model_dir}",
                            "logging.report_to=[]"], capture_output=True, text=True, env=env, cwd=work, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "data: ok (data: " in done.stdout and "quickstart/train.jsonl" in done.stdout
-    assert "benchmark heldout: ok (36 items)" in done.stdout and "benchmark retention: ok (38 items)" in done.stdout
+    assert "data: ok (data: " in done.stdout and "laptop/extract/train.jsonl" in done.stdout
+    assert "benchmark heldout: ok (48 items)" in done.stdout and "benchmark retention: ok (38 items)" in done.stdout
 
 
 def test_the_packaged_model_names_the_extra_it_needs(tmp_path, monkeypatch):
