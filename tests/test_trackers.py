@@ -109,7 +109,8 @@ def test_a_run_reaches_every_tracker_offline(tmp_path, tiny_model_dir):
     _same(_trackio(tmp_path / "trackio", "sdft-test", "tracked"), expected)
     mlflow_metrics, params = _mlflow(uri, "sdft-test")
     _same(mlflow_metrics, {(name.replace("@", "_at_"), step, value) for name, step, value in expected})
-    assert params["optim.lr"] == "0.0005" and params["teacher.mode"] == "static"  # the config, flat
+    config = load_config(REPO / "configs" / "quickstart.yaml")
+    assert float(params["optim.lr"]) == config.optim.lr and params["teacher.mode"] == config.teacher.mode  # flat
 
 
 def test_missing_tracker_packages_are_named_before_the_run(monkeypatch):
