@@ -15,9 +15,7 @@ answer word instead ("pup", "calf") names it where it does not fit: named(a) wel
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 
@@ -57,28 +55,18 @@ def answer_counts(rows: Iterable[Mapping], where: str = "predictions") -> list[A
     return sorted(counts, key=lambda c: (-c.named, c.answer))
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    from sdft.io import read_text
-
-    rows = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-    return rows
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("predictions", nargs="+", help="prediction files (JSONL) of contains-scored benchmarks")
     parser.add_argument("--top", type=int, default=5, help="answers shown per file (most named first)")
     args = parser.parse_args(argv)
+    from sdft.io import read_jsonl
+
     for path in args.predictions:
-        counts = answer_counts(read_predictions(path), where=str(path))
-        print(f"{path}: " + "; ".join(f"{c.answer} named {c.named} / right {c.right} (wrong {c.named_wrong})"
-                                      for c in counts[:args.top]))
+        counts = answer_counts(read_jsonl(path), where=str(path))
+        shown = "; ".join(f"{c.answer} named {c.named} / right {c.right} (wrong {c.named_wrong}) x{c.ratio:.1f}"
+                          for c in counts[:args.top])
+        print(f"{path}: {shown or 'no accepted answer is named'}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ def read_text(path: str | os.PathLike, *, fix: str = "save the file as UTF-8", e
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); {fix}") from None
 
 
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The rows of a JSONL file (blank lines skipped); a ValueError naming the file and line of a row that is
+    not JSON, or of a byte that is not UTF-8."""
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+    return rows
+
+
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """Create a new folder `<parent>/<prefix><random>` (mode 0777 less the umask) and return it."""
     for _ in range(100):

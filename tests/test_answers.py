@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from sdft.answers import answer_counts, main, read_predictions
+from sdft.answers import answer_counts, main
+from sdft.io import read_jsonl
 
 
 def _row(completion, *accepted):
@@ -30,9 +31,9 @@ def test_a_row_without_a_list_of_answers_is_refused_by_row():
 def test_the_command_reads_prediction_files(tmp_path, capsys):
     path = tmp_path / "heldout.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [_row("a calf", "foal"), _row("a calf", "calf")]) + "\n")
-    assert len(read_predictions(path)) == 2
+    assert len(read_jsonl(path)) == 2
     main([str(path)])
     assert "calf named 2 / right 1 (wrong 1)" in capsys.readouterr().out
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"heldout.jsonl:1: not JSON"):
-        read_predictions(path)
+        read_jsonl(path)

@@ -42,7 +42,7 @@ def measure_skill(train_path: str | Path, heldout_path: str | Path, *, retention
     from sdft.data import load_jsonl_examples
     from sdft.evaluation import benchmark_from_examples, evaluate, load_task_benchmark
     from sdft.models import load_model_and_tokenizer
-    from sdft.prompts import DEMONSTRATION_TURNS, teacher_messages
+    from sdft.prompts import DEMONSTRATION_TURNS, TEACHER_TEMPLATES, teacher_messages
     from sdft.sampling import NativeSampler
 
     model, tokenizer = load_model_and_tokenizer(model_name)
@@ -51,7 +51,7 @@ def measure_skill(train_path: str | Path, heldout_path: str | Path, *, retention
     heldout = load_jsonl_examples(heldout_path)[:max_items]
     variants = {"student": heldout}
     for template in templates:
-        label = template if template in ("official", "cookbook", DEMONSTRATION_TURNS) else "custom"
+        label = template if template in (*TEACHER_TEMPLATES, DEMONSTRATION_TURNS) else "custom"
         variants[f"teacher[{label}]"] = [replace(e, messages=tuple(teacher_messages(e, template))) for e in heldout]
     rng = random.Random(FEWSHOT_SEED)
     for k in shots:

@@ -6,12 +6,12 @@ primary column of every table stays the scorer the run was evaluated with.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 from sdft.experiments.cells import CellResult
 from sdft.experiments.spec import ExperimentSpec
+from sdft.io import read_jsonl
 from sdft.verifiers import score_mcq, score_tool_calls
 
 
@@ -34,7 +34,7 @@ def rescore_cells(spec: ExperimentSpec, cells_dir: str | Path, results: Sequence
                 path = folder / f"{name}.before.jsonl"
             if not path.is_file():
                 raise FileNotFoundError(f"cell {result.name}: no predictions for {name!r} in {folder}")
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = read_jsonl(path)
             score = score_tool_calls if task.kind == "tooluse" else score_mcq
             for mode in task.also_score:
                 scores[secondary_key(name, mode)] = [int(score(r["completion"], r["reference"], mode)) for r in rows]

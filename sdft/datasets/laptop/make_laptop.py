@@ -5,9 +5,11 @@ Skill: extracting a person and a city from a sentence into a fixed JSON object::
     Extract the person and the city as JSON: Noah lives in Jakarta.
     {"name": "Noah", "city": "Jakarta"}
 
-Stage 1 is the quickstart's skill (naming the young of an animal). This one needs no knowledge beyond
-the prompt, so SmolLM2-135M does it when shown examples, while asked directly it invents its own keys
-or nests the object. The held-out rows use names, cities and a sentence pattern that no training row uses.
+It is the quickstart's skill (configs/quickstart.yaml) and stage 2 of the laptop continual-learning preset
+(stage 1: the young of an animal, sdft/datasets/quickstart). It needs no knowledge beyond the prompt, so
+SmolLM2-135M does it when shown examples, while asked directly it invents its own keys or nests the
+object. The held-out rows use names and cities that no training row uses, and one of the seven sentence
+patterns appears only in held-out rows.
 The prior abilities watched for forgetting are the quickstart's retention set (capitals, languages,
 simple facts).
 
@@ -24,8 +26,8 @@ Measured (packaged model, greedy, 32 new tokens, CPU float32), on the 48 held-ou
 - teacher, official template (demonstration quoted):      9/48 = 18.8%  (10.2-31.9%)
 - teacher, template "turns" (demonstration as an answer): 44/48 = 91.7%  (80.4-96.7%)
 - few-shot, 1 / 3 training rows as earlier turns:         33/48 = 68.8% (54.7-80.1%) / 43/48 = 89.6% (77.8-95.5%)
-One SDFT run (configs/quickstart.yaml on this data: lr 1e-3, 16 steps of 8 prompts, no skipped tokens, seed 0)
-moved held-out from 0% to 70.8% (34/48) and the quickstart's retention set from 78.9% to 81.6%.
+The quickstart (SDFT on this data, seed 0) moves held-out from 0% to 70.8% (34/48) and the retention set from
+78.9% to 81.6%; README "The quickstart" has three seeds with SFT beside them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Build the quickstart data shipped with sdft, deterministically, and optionally measure it.
+"""Build the animal-young data and the retention set shipped with sdft, deterministically, and optionally measure it.
 
 Skill taught: naming the young of an animal ("What is a baby deer called?" -> "A baby deer is called
 a fawn."). SmolLM2-135M-Instruct knows many of these words but, asked directly, describes the animal
@@ -29,7 +29,9 @@ Measured with `--measure` (packaged model, greedy, 48 new tokens, CPU float32), 
 - few-shot, 1 / 3 other animals as earlier turns:            9/36 = 25.0% (13.8-41.1%) / 12/36 = 33.3% (20.2-49.7%)
 - retention, base model:                                     30/38 = 78.9%  (63.7-88.9%)
 The teacher scores include copying the answer from its own demonstration; the few-shot scores are what the
-model knows of animals it was not shown. README "The quickstart" has SDFT and SFT over three seeds.
+model knows of animals it was not shown. The skill was the quickstart's until the quickstart moved to JSON
+extraction (sdft/datasets/laptop/make_laptop.py); configs/laptop_young.yaml trains on it, and docs/results.md
+has SDFT and SFT over three seeds. The retention set is still the quickstart's.
 """
 from __future__ import annotations
 
